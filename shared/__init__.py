@@ -1,0 +1,1 @@
+"""Code shared by the coordinator and the workers: schemas, settings, mapping, images, models."""

@@ -1,0 +1,270 @@
+"""Qwen3-VL model and processor loading, prompt building, batched generation and label scoring.
+
+One code path serves a real ``Qwen/Qwen3-VL-8B-Instruct`` folder and the tiny demo checkpoints:
+both are loaded with ``AutoModelForImageTextToText`` and ``AutoProcessor``. Where torchvision is
+missing (the CPU wheels on our machines), ``AutoProcessor`` cannot build Qwen3-VL's video processor;
+we then assemble an image-only processor from the same folder's tokenizer, chat template and
+``preprocessor_config.json`` (``Qwen2VLImageProcessorPil``, patch size from the file).
+
+torch and transformers are imported lazily so ``shared`` stays light for the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+logger = logging.getLogger(__name__)
+
+# The files that make up a checkpoint's processor (hashed into manifests).
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _image_only_processor_class() -> type:
+    from transformers import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        """Qwen3-VL processor without the video half (which needs torchvision).
+
+        Identical to ``Qwen3VLProcessor`` for image + text inputs: same placeholder expansion,
+        same ``mm_token_type_ids``, same chat template.
+        """
+
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+            self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+    return ImageOnlyQwen3VLProcessor
+
+
+_IMAGE_ONLY_CLS: type | None = None
+
+
+def image_only_processor(image_processor: Any, tokenizer: Any, chat_template: str | None) -> Any:
+    """Build the image-only Qwen3-VL processor (see module docstring)."""
+    global _IMAGE_ONLY_CLS
+    if _IMAGE_ONLY_CLS is None:
+        _IMAGE_ONLY_CLS = _image_only_processor_class()
+    return _IMAGE_ONLY_CLS(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def load_processor(path: str | Path) -> Any:
+    """Load the processor of a Qwen3-VL checkpoint folder; tokenizer pads on the left for generation.
+
+    Raises ``ValueError`` when the folder yields no image processor (e.g. a text-only tokenizer).
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = str(path)
+    processor: Any
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except ImportError as exc:  # torchvision missing: the video processor cannot be built
+        logger.debug("AutoProcessor unavailable (%s); building the image-only processor", exc)
+        processor = None
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        processor = image_only_processor(image_processor, tokenizer, tokenizer.chat_template)
+    if getattr(processor, "image_processor", None) is None or processor.chat_template is None:
+        raise ValueError(f"{path}: no Qwen3-VL image processor or chat template found")
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    model.to(device)
+    model.eval()
+    return model
+
+
+def build_messages(prompt: str, system_prompt: str | None = None, answer: str | None = None) -> list[dict]:
+    """Chat messages for one image + one prompt (optionally a system prompt and the answer)."""
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None) -> str:
+    """The chat-templated text of a user turn, ending where the assistant's answer starts."""
+    return processor.apply_chat_template(
+        build_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_batch(processor: Any, images: Sequence[Image], texts: Sequence[str], device: str) -> dict:
+    """Tokenize templated texts with their images into one left-padded batch on ``device``."""
+    batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings of one request; greedy unless a temperature above 0 is given."""
+
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    tokens: int
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image],
+    texts: Sequence[str],
+    params: GenerationParams,
+    *,
+    adapter_names: Sequence[str] | None = None,
+    seed: int | None = None,
+) -> list[Generated]:
+    """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
+
+    ``adapter_names`` selects a PEFT adapter per row (mixed-adapter batch); rows with
+    ``"__base__"`` use the base model.
+    """
+    import torch
+
+    device = str(next(model.parameters()).device)
+    batch = encode_batch(processor, images, texts, device)
+    kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+    if params.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p or 1.0, top_k=None)
+        if seed is not None:
+            torch.manual_seed(seed)
+    if adapter_names is not None:
+        kwargs["adapter_names"] = list(adapter_names)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        out = model.generate(**batch, **kwargs, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out[:, batch["input_ids"].shape[1] :]
+    eos_ids = _eos_ids(model, tokenizer)
+    results = []
+    for row in new_tokens.tolist():
+        count = 0
+        for tok in row:
+            count += 1
+            if tok in eos_ids:
+                break
+        text = tokenizer.decode(row[:count], skip_special_tokens=True)
+        results.append(Generated(text=text.strip(), tokens=count))
+    return results
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def next_token_logits(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image],
+    texts: Sequence[str],
+    *,
+    adapter_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """One forward pass: the logits of the first answer token for each row, float32 ``[batch, vocab]``."""
+    import torch
+
+    device = str(next(model.parameters()).device)
+    batch = encode_batch(processor, images, texts, device)
+    kwargs: dict[str, Any] = {}
+    if adapter_names is not None:
+        kwargs["adapter_names"] = list(adapter_names)
+    with torch.inference_mode():
+        out = model(**batch, **kwargs, logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[int]:
+    """The single token id of each router label; a label that is not one token is a ``ValueError``."""
+    ids = []
+    for label in labels:
+        encoded = tokenizer.encode(label, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"router label {label!r} is {len(encoded)} tokens; labels must be single tokens")
+        ids.append(encoded[0])
+    return ids
+
+
+def sha256_files(paths: Sequence[Path]) -> str:
+    """Content hash over files (name and bytes), in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_dir(path: str | Path, patterns: Sequence[str] = ("*",)) -> str:
+    """Content hash of a folder's files matching ``patterns`` (top level, sorted by name)."""
+    root = Path(path)
+    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+    return sha256_files(files)
+
+
+def processor_hash(path: str | Path) -> str:
+    """Content hash of a checkpoint's processor files (tokenizer, image processor, chat template)."""
+    return sha256_dir(path, PROCESSOR_FILES)
+
+
+def weights_hash(path: str | Path) -> str:
+    """Content hash of a checkpoint's or adapter's weights and config."""
+    return sha256_dir(path, ("*.safetensors", "*.bin", "config.json", "adapter_config.json"))

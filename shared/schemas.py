@@ -1,0 +1,202 @@
+"""Wire schemas shared by the coordinator (client side) and the workers (route side).
+
+Every model rejects unknown fields (``extra="forbid"``) so contract drift fails loudly. Limits here
+are the hard wire limits; services apply their own smaller caps from settings on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["merged", "dynamic"]
+
+MAX_PROMPT_CHARS = 4096  # wire limit on prompt length; settings.max_prompt_chars may be smaller
+MAX_IMAGE_B64_CHARS = 20_000_000  # wire limit on the encoded image; decoded bytes are capped by settings
+MAX_NEW_TOKENS_LIMIT = 4096  # wire limit; workers clamp to settings.max_new_tokens_cap
+MAX_BATCH_ITEMS = 64  # items in one POST /classify/batch
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # safe as a folder name and a metric label
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- worker -----------------------------------------------------------------------------------
+
+
+class InferRequest(_Strict):
+    """Worker ``POST /infer``: one generation with one adapter."""
+
+    image_b64: str = Field(max_length=MAX_IMAGE_B64_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    adapter: str = Field(min_length=1, max_length=128)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=5)  # None or 0 means greedy
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+
+
+class InferResponse(_Strict):
+    """Worker ``POST /infer`` answer."""
+
+    output: str
+    adapter: str
+    mode: Mode
+    worker_id: str
+    tokens_generated: int
+    timings_ms: dict[str, float]
+
+
+class AdapterInfo(_Strict):
+    """An adapter a worker holds, with the sha256 of its weights (for drift checks)."""
+
+    name: str
+    sha256: str
+
+
+class WorkerReady(_Strict):
+    """Worker ``GET /health/ready`` body (status 200 only when ``status == "ready"``)."""
+
+    status: Literal["ready", "loading", "draining"]
+    worker_id: str
+    mode: str
+    adapters: list[AdapterInfo]
+
+
+class WorkerInfo(_Strict):
+    """Worker ``GET /info``: what it serves and its batching limits."""
+
+    worker_id: str
+    mode: str
+    adapters: list[str]
+    base_model: str
+    device: str
+    dtype: str
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+    max_new_tokens_cap: int
+
+
+class LoadAdapterRequest(_Strict):
+    """Ask a dynamic worker to load (or reload) adapter ``name`` from ``path``."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    path: str = Field(min_length=1)
+
+
+# --- coordinator ------------------------------------------------------------------------------
+
+
+class ClassifyRequest(_Strict):
+    """Coordinator ``POST /classify``. ``expert`` (adapter name or label) skips the router."""
+
+    image_b64: str = Field(max_length=MAX_IMAGE_B64_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    expert: str | int | None = None
+    prefer_merged: bool | None = None  # None: the mapping's routing.prefer_merged
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+
+
+class RouteCandidate(_Strict):
+    """One router label with its softmax probability."""
+
+    label: str
+    adapter: str
+    probability: float
+
+
+class ClassifyResponse(_Strict):
+    """Coordinator ``POST /classify`` answer. ``confidence`` is null when the expert was explicit."""
+
+    request_id: str
+    adapter: str
+    label: str
+    confidence: float | None
+    routed_by: Literal["router", "explicit", "fallback"]
+    worker_id: str
+    mode: Mode
+    output: str
+    routing_path: list[str]
+    degraded: bool = False  # served by a fallback (e.g. dynamic instead of merged)
+    top_k: list[RouteCandidate] = Field(default_factory=list)
+    timings_ms: dict[str, float]
+
+
+class ClassifyBatchRequest(_Strict):
+    """Coordinator ``POST /classify/batch``: 1..64 independent items."""
+
+    items: list[ClassifyRequest] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
+class BatchItemError(_Strict):
+    """Why one batch item failed (the same code/status the single endpoint would answer)."""
+
+    code: str
+    message: str
+    status: int
+
+
+class ClassifyBatchItem(_Strict):
+    """One batch result: ``ok`` with ``result``, or not ``ok`` with ``error``."""
+
+    ok: bool
+    result: ClassifyResponse | None = None
+    error: BatchItemError | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ClassifyBatchItem:
+        if self.ok != (self.result is not None) or self.ok == (self.error is not None):
+            raise ValueError("ok=true needs result and no error; ok=false needs error and no result")
+        return self
+
+
+class ClassifyBatchResponse(_Strict):
+    """Coordinator ``POST /classify/batch`` answer, one item per request item, in order."""
+
+    results: list[ClassifyBatchItem]
+
+
+class InferWebRequest(_Strict):
+    """``POST /infer_web``: the original single-server API (``expert`` is a label index)."""
+
+    image_b64: str = Field(max_length=MAX_IMAGE_B64_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    expert: int | None = None
+
+
+class InferWebResponse(_Strict):
+    """``POST /infer_web`` answer."""
+
+    task_output: str
+    routed_adapter: str
+    label: str
+    confidence: float | None
+    worker_id: str
+    mode: str
+    request_id: str
+
+
+# --- errors (documentation of the shape produced by shared.errors) ----------------------------
+
+
+class ErrorBody(BaseModel):
+    """``{"code", "message", ...details}``; details vary by error, hence extra fields are allowed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class ErrorResponse(_Strict):
+    """Every non-2xx body of every mole service."""
+
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting :class:`ErrorResponse` for the given statuses."""
+    return {status: {"model": ErrorResponse} for status in statuses}
