@@ -64,7 +64,7 @@ class Recipe:
     max_pixels: int = 128 * 128  # image processor resize cap: 64 patches of 16 px, 16 image tokens
     lora_rank: int = 16
     router_steps: int = 80
-    expert_steps: int = 160
+    expert_steps: int = 320
     batch_size: int = 16
     lr: float = 3e-3
     train_samples: int = 256
@@ -105,8 +105,8 @@ def build_tokenizer(corpus: Sequence[str]) -> Any:
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(
         vocab=spec["model"]["vocab"],
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' merges are pairs
+        unk_token=None,  # type: ignore[arg-type]  # byte-level BPE needs no unknown token
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -194,7 +194,6 @@ def build_base(out: Path, recipe: Recipe) -> None:
 
 def _training_batch(processor: Any, rows: Sequence[tuple[Any, str, str]], device: str) -> dict:
     """Tokenize (image, templated prompt, answer) rows; labels cover the answer and its end token only."""
-    import torch
 
     tokenizer = processor.tokenizer
     end = "<|im_end|>"
@@ -258,7 +257,7 @@ def train_lora(
         optim.zero_grad(set_to_none=True)
         if step % 40 == 0 or step == steps - 1:
             logger.info("  %s step %d/%d loss %.4f", out.parent.name, step + 1, steps, loss.item())
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
 
 
 def evaluate_router(base: Path, adapter: Path, samples: Sequence[synthetic.Sample]) -> float:
@@ -295,7 +294,9 @@ def evaluate_expert(
     for i in range(0, len(samples), 16):
         chunk = samples[i : i + 16]
         texts = [render_prompt(processor, s.prompt) for s in chunk]
-        outs = generate(model, processor, [s.image for s in chunk], texts, GenerationParams(max_new_tokens=16))
+        outs = generate(
+            model, processor, [s.image for s in chunk], texts, GenerationParams(max_new_tokens=16)
+        )
         for out, s in zip(outs, chunk, strict=True):
             fmt += bool(synthetic.EXPERT_FORMATS[expert].match(out.text))
             exact += out.text == synthetic.expected_output(expert, s.color)

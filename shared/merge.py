@@ -65,7 +65,9 @@ def default_probes(n: int = 8) -> list[Probe]:
     return [Probe(s.image, s.prompt) for s in synthetic.make_samples(n, seed=1234)]
 
 
-def _answers(model: Any, processor: Any, probes: Sequence[Probe], max_new_tokens: int) -> tuple[Any, list[str]]:
+def _answers(
+    model: Any, processor: Any, probes: Sequence[Probe], max_new_tokens: int
+) -> tuple[Any, list[str]]:
     texts = [render_prompt(processor, p.prompt) for p in probes]
     images = [p.image for p in probes]
     logits = next_token_logits(model, processor, images, texts)
@@ -81,7 +83,7 @@ def adapter_touches_vision(adapter: Path) -> list[str]:
     if not path.exists():
         return []
     with safe_open(str(path), framework="pt") as fh:
-        return [k for k in fh.keys() if ".visual." in k or k.startswith("visual.")]  # noqa: SIM118
+        return [k for k in fh.keys() if ".visual." in k or k.startswith("visual.")]
 
 
 def measure_parity(
@@ -126,7 +128,9 @@ def check_parity(figures: dict[str, Any], limits: ParityLimits) -> list[str]:
     if figures["top1_agreement"] < limits.min_top1_agreement:
         failures.append(f"top-1 agreement {figures['top1_agreement']:.1%} < {limits.min_top1_agreement:.0%}")
     if limits.require_exact_greedy and figures["greedy_exact_match"] < 1.0:
-        failures.append(f"greedy outputs differ on {figures['probes'] - round(figures['greedy_exact_match'] * figures['probes'])} probe(s)")
+        failures.append(
+            f"greedy outputs differ on {figures['probes'] - round(figures['greedy_exact_match'] * figures['probes'])} probe(s)"
+        )
     return failures
 
 

@@ -70,6 +70,14 @@ def image_only_processor(image_processor: Any, tokenizer: Any, chat_template: st
     return _IMAGE_ONLY_CLS(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """``path`` as an existing folder; models are read from disk only, never fetched from a hub."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder does not exist: {folder}")
+    return folder
+
+
 def load_processor(path: str | Path) -> Any:
     """Load the processor of a Qwen3-VL checkpoint folder; tokenizer pads on the left for generation.
 
@@ -78,7 +86,7 @@ def load_processor(path: str | Path) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = str(path)
+    path = str(_checkpoint_dir(path))
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -108,8 +116,10 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32")
     """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=resolve_dtype(dtype))
-    model.to(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(_checkpoint_dir(path)), dtype=resolve_dtype(dtype)
+    )
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model
 
@@ -166,11 +176,14 @@ def generate(
     *,
     adapter_names: Sequence[str] | None = None,
     seed: int | None = None,
+    row_max_new_tokens: Sequence[int] | None = None,
 ) -> list[Generated]:
     """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
 
     ``adapter_names`` selects a PEFT adapter per row (mixed-adapter batch); rows with
-    ``"__base__"`` use the base model.
+    ``"__base__"`` use the base model. ``row_max_new_tokens`` cuts each row at its own limit
+    (the batch runs to ``params.max_new_tokens``), so under greedy decoding a row's output is the
+    one it would get alone with its own limit.
     """
     import torch
 
@@ -190,10 +203,13 @@ def generate(
         out = model.generate(**batch, **kwargs, pad_token_id=tokenizer.pad_token_id)
     new_tokens = out[:, batch["input_ids"].shape[1] :]
     eos_ids = _eos_ids(model, tokenizer)
+    limits = (
+        list(row_max_new_tokens) if row_max_new_tokens is not None else [params.max_new_tokens] * len(texts)
+    )
     results = []
-    for row in new_tokens.tolist():
+    for row, limit in zip(new_tokens.tolist(), limits, strict=True):
         count = 0
-        for tok in row:
+        for tok in row[:limit]:
             count += 1
             if tok in eos_ids:
                 break

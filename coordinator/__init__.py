@@ -1,0 +1,1 @@
+"""The mole coordinator: router LoRA, mapping-driven dispatch to workers, the public HTTP API."""

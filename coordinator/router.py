@@ -1,0 +1,204 @@
+"""The router: base Qwen3-VL + router LoRA, loaded once; a route is ONE forward pass.
+
+``Router.score`` queues the decoded image on a :class:`~shared.batching.MicroBatcher`, whose thread
+runs one forward for every concurrent request (``next_token_logits``, ``logits_to_keep=1``) and takes
+a softmax over the label tokens' logits. :func:`decide` turns those scores, the mapping's thresholds,
+fallback adapter and shadow flag, and an optional explicit expert into a :class:`RouteDecision`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from shared.batching import BatchSettings, MicroBatcher
+from shared.errors import NoConfidentRoute
+from shared.mapping import MoleMapping, RouterSpec
+from shared.schemas import RouteCandidate
+from shared.settings import Settings, resolve_device_dtype
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from coordinator.metrics import CoordinatorMetrics
+
+logger = logging.getLogger(__name__)
+
+TOP_K = 3  # candidates reported in responses and the X-Mole-Route-Top header
+RoutedBy = Literal["router", "explicit", "fallback"]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """What one mapping asks of the router model: its label tokens and the templated question."""
+
+    labels: tuple[str, ...]  # label tokens, in the mapping's label order
+    label_ids: tuple[int, ...]  # their token ids, aligned with ``labels``
+    text: str  # chat-templated router prompt
+
+
+@dataclass(frozen=True)
+class _RouteItem:
+    image: Image
+    config: RouterConfig
+
+
+@dataclass(frozen=True)
+class RouteScores:
+    """Softmax over the label tokens of one image: ``probabilities[i]`` belongs to ``labels[i]``."""
+
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """(label, probability), most probable first (ties keep label order)."""
+        return sorted(zip(self.labels, self.probabilities, strict=True), key=lambda lp: -lp[1])
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which adapter serves a request and why."""
+
+    adapter: str
+    label: str  # the served adapter's label ("" when it has none)
+    confidence: float | None  # router top probability; None when the expert was explicit
+    routed_by: RoutedBy
+    top_k: list[RouteCandidate] = field(default_factory=list)
+    router_choice: str | None = None  # the router's top adapter whenever the router ran
+    path: list[str] = field(default_factory=list)  # human-readable steps for routing_path
+
+
+class Router:
+    """Model holder for the router LoRA. ``load()`` is blocking; call it off the event loop."""
+
+    def __init__(self, base_model: str, adapter: str, settings: Settings, metrics: CoordinatorMetrics):
+        self.base_model = base_model
+        self.adapter = adapter
+        self._settings = settings
+        self._metrics = metrics
+        self.version = ""  # sha256 of the router adapter's weights, set by load()
+        self.device = "cpu"
+        self._model: Any = None
+        self._processor: Any = None
+        self._batcher: MicroBatcher[_RouteItem, tuple[float, ...]] = MicroBatcher(
+            self._run_batch,
+            BatchSettings(settings.max_batch_size, settings.max_wait_ms, settings.max_queue),
+            key=lambda item: item.config,
+            name="router",
+            on_batch=self._observe_batch,
+        )
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load base + router LoRA, hash the adapter and start the batcher thread."""
+        import torch
+        from peft import PeftModel
+
+        from shared.modeling import load_model, load_processor, weights_hash
+
+        if self._settings.torch_threads:
+            torch.set_num_threads(self._settings.torch_threads)
+        device, dtype = resolve_device_dtype(self._settings)
+        self.device = device
+        self._processor = load_processor(self.base_model)
+        base = load_model(self.base_model, device=device, dtype=dtype)
+        self._model = PeftModel.from_pretrained(base, self.adapter)
+        self._model.eval()
+        self.version = weights_hash(self.adapter)
+        self._batcher.start()
+        logger.info("router loaded", extra={"router_version": self.version[:16], "device": device})
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._batcher.stop(timeout)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def serves(self, mapping: MoleMapping) -> bool:
+        """True when ``mapping`` names this router's base model and adapter (no reload needed)."""
+        return mapping.base_model == self.base_model and mapping.router.adapter == self.adapter
+
+    # ---- configuration ---------------------------------------------------------------------
+    def config_for(self, spec: RouterSpec) -> RouterConfig:
+        """Label token ids and templated prompt for ``spec``; ``ValueError`` if a label is not one token."""
+        from shared.modeling import label_token_ids, render_prompt
+
+        labels = tuple(spec.ordered_labels())
+        ids = tuple(label_token_ids(self._processor.tokenizer, labels))
+        return RouterConfig(labels=labels, label_ids=ids, text=render_prompt(self._processor, spec.prompt))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with the base tokenizer (usage accounting)."""
+        return len(self._processor.tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- scoring ---------------------------------------------------------------------------
+    async def score(self, image: Image, config: RouterConfig, *, deadline: float | None = None) -> RouteScores:
+        """Probabilities of ``config``'s labels for ``image`` (batched with concurrent callers)."""
+        probs = await self._batcher.submit(_RouteItem(image, config), deadline=deadline)
+        return RouteScores(labels=config.labels, probabilities=probs)
+
+    def _run_batch(self, items: Sequence[_RouteItem]) -> list[tuple[float, ...]]:
+        import torch
+
+        from shared.modeling import next_token_logits
+
+        config = items[0].config  # the batcher groups by config, so every item shares it
+        logits = next_token_logits(
+            self._model, self._processor, [i.image for i in items], [config.text] * len(items)
+        )
+        probs = torch.softmax(logits[:, list(config.label_ids)], dim=-1)
+        return [tuple(float(p) for p in row) for row in probs.tolist()]
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self._metrics.router_batch_size.observe(size)
+        self._metrics.router_batch_seconds.observe(seconds)
+
+
+def _candidates(mapping: MoleMapping, scores: RouteScores) -> list[RouteCandidate]:
+    return [
+        RouteCandidate(label=label, adapter=mapping.router.labels[label], probability=round(p, 6))
+        for label, p in scores.ranked()[:TOP_K]
+    ]
+
+
+def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | None) -> RouteDecision:
+    """Choose the adapter for a request.
+
+    - ``explicit`` (already resolved to an adapter name) wins; the router's scores, when present
+      (shadow mode), are only recorded.
+    - Shadow mode without an explicit expert serves the fallback adapter when one is configured.
+    - Otherwise the router's top label serves, unless its probability is below the label's threshold:
+      then the fallback adapter serves (``routed_by="fallback"``) or ``NoConfidentRoute`` (422).
+    """
+    spec = mapping.router
+    top_k = _candidates(mapping, scores) if scores is not None else []
+    choice = top_k[0].adapter if top_k else None
+    path = [f"router:{top_k[0].label}->{choice}@{top_k[0].probability:.3f}"] if top_k else []
+    if explicit is not None:
+        label = mapping.adapters[explicit].label or ""
+        return RouteDecision(explicit, label, None, "explicit", top_k, choice, [*path, f"explicit:{explicit}"])
+    assert scores is not None and top_k, "the router must run when no expert is explicit"
+    top = top_k[0]
+    fallback = spec.fallback_adapter
+    if spec.shadow and fallback is not None:
+        label = mapping.adapters[fallback].label or ""
+        return RouteDecision(fallback, label, top.probability, "fallback", top_k, choice, [*path, "shadow"])
+    threshold = spec.threshold(top.label)
+    if top.probability >= threshold:
+        return RouteDecision(top.adapter, top.label, top.probability, "router", top_k, choice, path)
+    if fallback is None:
+        raise NoConfidentRoute(
+            f"router confidence {top.probability:.3f} for label {top.label} ({top.adapter}) is below "
+            f"its threshold {threshold:.3f} and no fallback adapter is configured; name an expert",
+            label=top.label,
+            adapter=top.adapter,
+            confidence=top.probability,
+            threshold=threshold,
+            top_k=[c.model_dump() for c in top_k],
+        )
+    label = mapping.adapters[fallback].label or ""
+    step = f"below_threshold:{threshold:.3f}->fallback:{fallback}"
+    return RouteDecision(fallback, label, top.probability, "fallback", top_k, choice, [*path, step])

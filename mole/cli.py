@@ -1,0 +1,229 @@
+"""The ``mole`` command line: one entry point composing the shared core and both services.
+
+Each subcommand imports what it needs when it runs, so ``mole --help`` and ``mole check-config``
+never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("mole")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from shared.settings import Settings
+
+    return Settings()
+
+
+def _setup_logging() -> None:
+    from shared.logging import configure_logging
+
+    configure_logging(_settings())
+
+
+# ---- model assets ---------------------------------------------------------------------------
+def cmd_demo_assets(args: argparse.Namespace) -> int:
+    from shared.demo_assets import build_demo_assets
+
+    report = build_demo_assets(Path(args.out), force=args.force)
+    print(f"router held-out accuracy: {report.router_heldout_accuracy:.1%}")
+    for name, fmt in report.expert_format_accuracy.items():
+        exact = report.expert_exact_accuracy[name]
+        print(f"expert {name:<10} format {fmt:6.1%}   exact {exact:6.1%}")
+    print(f"mapping: {Path(args.out) / 'expert_machine_mapping.json'}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from shared.merge import ParityError, ParityLimits, merge_adapter, rollback
+
+    if args.rollback:
+        out = rollback(args.out)
+        print(f"rolled back {out} to the previous version (the replaced one is kept as {out}.prev)")
+        return 0
+    if not args.base or not args.adapter:
+        print("mole merge: --base and --adapter are required (unless --rollback)", file=sys.stderr)
+        return 2
+    limits = ParityLimits(max_logit_diff=args.max_logit_diff)
+    try:
+        manifest = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, limits=limits)
+    except ParityError as exc:
+        print(f"mole merge: {exc}", file=sys.stderr)
+        print(json.dumps(exc.parity, indent=2, default=str), file=sys.stderr)
+        return 1
+    parity = manifest["parity"]
+    print(
+        f"merged -> {args.out}\n"
+        f"  parity on {parity['probes']} probes: max logit diff {parity['max_abs_logit_diff']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.0%}, greedy exact {parity['greedy_exact_match']:.0%}\n"
+        f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {args.out}/merge_metadata.json"
+    )
+    return 0
+
+
+def cmd_deploy_adapter(args: argparse.Namespace) -> int:
+    from shared.merge import ParityError, merge_adapter
+    from shared.modeling import weights_hash
+
+    src = Path(args.checkpoint)
+    if not (src / "adapter_config.json").exists():
+        print(
+            f"mole deploy-adapter: {src} is not a PEFT adapter folder (no adapter_config.json)",
+            file=sys.stderr,
+        )
+        return 2
+    volume = Path(args.volume)
+    dest = volume / "loras" / args.name / "adapter"
+    staging = dest.with_name("adapter.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(src, staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+    meta = {
+        "name": args.name,
+        "source": str(src.resolve()),
+        "sha256": weights_hash(dest),
+        "accuracy": args.accuracy,
+        "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (dest.parent / "deploy_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"deployed adapter {args.name!r} -> {dest}")
+    if args.merge:
+        if not args.base:
+            print("mole deploy-adapter: --merge needs --base", file=sys.stderr)
+            return 2
+        try:
+            merge_adapter(args.base, dest, volume / "merged" / args.name)
+        except ParityError as exc:
+            print(f"mole deploy-adapter: {exc}", file=sys.stderr)
+            return 1
+        print(f"merged -> {volume / 'merged' / args.name}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
+    from shared.mapping import load_mapping
+
+    try:
+        mapping = load_mapping(Path(args.mapping), check_paths=args.check_paths)
+    except ConfigError as exc:
+        print(f"{args.mapping}: {exc}", file=sys.stderr)
+        return 1
+    print(mapping.format_routing_table())
+    print(f"\n{args.mapping}: OK ({len(mapping.adapters)} adapters, {len(mapping.workers)} workers)")
+    return 0
+
+
+# ---- services -------------------------------------------------------------------------------
+def _serve(app: object, host: str, port: int, drain_timeout_s: float) -> int:
+    import uvicorn
+
+    # uvicorn stops accepting on SIGTERM/SIGINT and waits for in-flight requests up to the drain
+    # timeout before running the app's shutdown (which drains the batcher).
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(drain_timeout_s),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shared.mapping import load_mapping
+    from worker.app import create_app
+
+    settings = _settings()
+    mapping = load_mapping(Path(args.config))
+    spec = mapping.worker(args.worker_id)
+    app = create_app(settings, mapping, args.worker_id)
+    return _serve(app, args.host or spec.host, args.port or spec.port, settings.drain_timeout_s)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.app import create_app
+
+    from shared.mapping import load_mapping
+
+    settings = _settings()
+    mapping = load_mapping(Path(args.config))
+    app = create_app(settings, Path(args.config))
+    host = args.host or mapping.coordinator.host
+    port = args.port or mapping.coordinator.port
+    return _serve(app, host, port, settings.drain_timeout_s)
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mole", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-assets", help="build the embedded tiny model set (cached)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    p.set_defaults(func=cmd_demo_assets)
+
+    p = sub.add_parser("merge", help="merge a LoRA into its base, gated by a parity check")
+    p.add_argument("--base", help="base checkpoint folder")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument(
+        "--out", required=True, help="merged checkpoint folder (previous version kept as OUT.prev)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype"
+    )
+    p.add_argument("--max-logit-diff", type=float, default=1e-3, help="parity limit on first-token logits")
+    p.add_argument("--rollback", action="store_true", help="swap OUT back to OUT.prev")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("deploy-adapter", help="copy an adapter into the volume layout, optionally merge it")
+    p.add_argument("--name", required=True)
+    p.add_argument("--checkpoint", required=True, help="PEFT adapter folder")
+    p.add_argument("--volume", default="vol", help="volume root holding loras/ and merged/")
+    p.add_argument("--accuracy", type=float, default=None, help="evaluation accuracy to record")
+    p.add_argument("--merge", action="store_true", help="also build VOLUME/merged/NAME")
+    p.add_argument("--base", help="base checkpoint (needed with --merge)")
+    p.set_defaults(func=cmd_deploy_adapter)
+
+    p = sub.add_parser("check-config", help="validate a mapping and print the routing table")
+    p.add_argument("mapping")
+    p.add_argument("--check-paths", action="store_true", help="also require every model path to exist")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("worker", help="run one worker of a mapping")
+    p.add_argument("--config", required=True, help="expert_machine_mapping.json")
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--host", help="default: the host of the worker's url")
+    p.add_argument("--port", type=int, help="default: the port of the worker's url")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("coordinator", help="run the coordinator of a mapping")
+    p.add_argument("--config", required=True, help="expert_machine_mapping.json")
+    p.add_argument("--host", help="default: the host of the coordinator's url")
+    p.add_argument("--port", type=int, help="default: the port of the coordinator's url")
+    p.set_defaults(func=cmd_coordinator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Image decoding with limits, for untrusted ``image_b64`` fields.
+
+Accepts plain base64 or a ``data:image/<type>;base64,`` URL; never fetches a URL. Sizes are
+checked at every stage before more work is done: encoded length, decoded bytes, then the pixel
+count from the header before any pixel data is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import InvalidInput, PayloadTooLarge
+
+FIELD = "image_b64"
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may identify; nothing else is opened
+DATA_URL_TYPES = frozenset({"png", "jpeg", "jpg", "webp", "gif", "bmp"})  # data:image/<type>
+
+_DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+_ENCODED_SLACK = 1024  # headers, padding and a few stray characters
+
+
+def _payload(image_b64: str) -> str:
+    """The base64 part of ``image_b64``; rejects non-image data URLs and every other URL scheme."""
+    head = image_b64[:256].lstrip()
+    match = _DATA_URL.match(head)
+    if match is None:
+        if _SCHEME.match(head):
+            raise InvalidInput(
+                f"{FIELD}: only base64 or data:image/...;base64, URLs are accepted; URLs are never fetched",
+                field=FIELD,
+            )
+        return image_b64
+    media, params = match.group(1).strip().lower(), match.group(2).lower()
+    kind = media.removeprefix("image/") if media.startswith("image/") else None
+    if kind not in DATA_URL_TYPES:
+        raise InvalidInput(
+            f"{FIELD}: data URL media type {media or '(none)'!r} is not accepted; "
+            f"use image/{', image/'.join(sorted(DATA_URL_TYPES))}",
+            field=FIELD,
+        )
+    if ";base64" not in params:
+        raise InvalidInput(f"{FIELD}: data URLs must be base64-encoded (;base64,)", field=FIELD)
+    offset = len(image_b64) - len(image_b64.lstrip()) + match.end()
+    return image_b64[offset:]
+
+
+def _too_large_bytes(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{FIELD}: image is larger than the limit of {max_bytes} bytes", field=FIELD, limit_bytes=max_bytes
+    )
+
+
+def _not_an_image() -> InvalidInput:
+    return InvalidInput(
+        f"{FIELD} is not a decodable image (accepted formats: {', '.join(ALLOWED_FORMATS)})", field=FIELD
+    )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy; transparent pixels are composited onto white rather than turning black."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode an untrusted base64 image into a loaded RGB ``PIL.Image``.
+
+    Raises ``InvalidInput`` (not base64, not an allowed image, a non-data URL) or ``PayloadTooLarge``
+    (encoded length, decoded bytes, or width*height over the limits); every message names
+    ``image_b64`` and, for limits, the limit. Never fetches anything.
+    """
+    payload = _payload(image_b64)
+    max_encoded = (max_bytes + 2) // 3 * 4
+    # Newline-wrapped base64 (76 columns) adds ~1/38 in line breaks, hence the proportional slack.
+    if len(payload) > max_encoded + max_encoded // 32 + _ENCODED_SLACK:
+        raise _too_large_bytes(max_bytes)
+    compact = payload.translate(_WHITESPACE)
+    if not compact or len(compact) % 4 == 1:
+        raise InvalidInput(f"{FIELD} is not valid base64", field=FIELD)
+    compact += "=" * (-len(compact) % 4)
+    try:
+        raw = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{FIELD} is not valid base64", field=FIELD) from None
+    if len(raw) > max_bytes:
+        raise _too_large_bytes(max_bytes)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw), formats=list(ALLOWED_FORMATS))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise PayloadTooLarge(
+                f"{FIELD}: image dimensions exceed the limit of {max_pixels} pixels",
+                field=FIELD,
+                limit_pixels=max_pixels,
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            raise _not_an_image() from None
+        with img:
+            if img.format not in ALLOWED_FORMATS and img.format != "MPO":  # MPO: multi-picture JPEG
+                raise _not_an_image()
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise _not_an_image()
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"{FIELD}: image has {width}x{height} = {width * height} pixels, "
+                    f"more than the limit of {max_pixels} pixels",
+                    field=FIELD,
+                    pixels=width * height,
+                    limit_pixels=max_pixels,
+                )
+            try:
+                img.load()
+                return _to_rgb(img)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise PayloadTooLarge(
+                    f"{FIELD}: image dimensions exceed the limit of {max_pixels} pixels",
+                    field=FIELD,
+                    limit_pixels=max_pixels,
+                ) from None
+            except (OSError, SyntaxError, ValueError, EOFError):
+                raise _not_an_image() from None
+
+
+def encode_image_b64(img: Image.Image, fmt: str = "PNG") -> str:
+    """``img`` saved as ``fmt`` and base64-encoded (plain base64, no data-URL prefix)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_to_data_url(img: Image.Image, fmt: str = "PNG") -> str:
+    """``img`` as a ``data:image/<fmt>;base64,`` URL accepted by :func:`decode_image`."""
+    return f"data:image/{fmt.lower()};base64,{encode_image_b64(img, fmt)}"

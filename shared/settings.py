@@ -1,0 +1,148 @@
+"""The one place that reads ``MOLE_*`` environment variables.
+
+Build :class:`Settings` once at an entry point (CLI, Modal app, test fixture) and pass it down.
+Secrets are ``SecretStr`` or hidden from ``repr``; nothing here prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _split_keys(text: str) -> list[str]:
+    """Keys from ``a,b``, one per line, or a JSON list; blanks and ``#`` comment lines dropped."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("api keys: invalid JSON list") from None
+        if not isinstance(parsed, list):
+            raise ValueError("api keys: expected a JSON list of strings")
+        return [str(k).strip() for k in parsed if str(k).strip()]
+    keys: list[str] = []
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        keys.extend(k.strip() for k in line.split(",") if k.strip())
+    return keys
+
+
+class Settings(BaseSettings):
+    """Service settings from ``MOLE_*`` env vars (or keyword arguments in tests).
+
+    Contract: in ``env="production"`` at least one API key is configured; ``worker_token`` holds
+    the token from ``MOLE_WORKER_TOKEN`` or the contents of ``MOLE_WORKER_TOKEN_FILE``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MOLE_", extra="ignore", env_ignore_empty=True)
+
+    # auth
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)  # MOLE_API_KEYS=a,b
+    api_keys_file: Path | None = None  # file with more API keys, one per line or comma-separated
+    worker_token: SecretStr | None = None  # shared secret workers require from the coordinator
+    worker_token_file: Path | None = None  # file holding the worker token (docker/Modal secrets)
+    # model placement
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
+    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
+    torch_threads: int | None = Field(default=None, ge=1)  # torch.set_num_threads on CPU; None: torch default
+    # input limits
+    max_image_bytes: int = Field(default=8_000_000, ge=1)  # decoded image bytes
+    max_image_pixels: int = Field(default=16_000_000, ge=1)  # width * height, checked before decoding
+    max_prompt_chars: int = Field(default=4096, ge=1)  # prompt length in characters
+    max_new_tokens_cap: int = Field(default=256, ge=1)  # hard cap on generated tokens per request
+    default_max_new_tokens: int = Field(default=48, ge=1)  # when neither request nor adapter sets it
+    max_body_bytes: int = Field(default=12_000_000, ge=1)  # HTTP request body size
+    # batching and admission
+    max_batch_size: int = Field(default=8, ge=1)  # requests per forward on a worker
+    max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch waits to fill up
+    max_queue: int = Field(default=64, ge=1)  # queued requests before answering 429
+    # timeouts
+    request_timeout_s: float = Field(default=60.0, gt=0)  # end-to-end budget of one request
+    drain_timeout_s: float = Field(default=20.0, ge=0)  # graceful shutdown waits this long for in-flight
+    # logging and environment
+    log_json: bool = False  # JSON lines instead of plain text
+    log_level: str = "INFO"  # root log level
+    env: Literal["development", "production"] = "development"  # production refuses unsafe defaults
+
+    _file_keys: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return _split_keys(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            return [str(k).strip() for k in value if str(k).strip()]
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in _DTYPES:
+            raise ValueError(f"must be one of {', '.join(_DTYPES)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return level
+
+    @model_validator(mode="after")
+    def _load_files_and_check(self) -> Settings:
+        if self.api_keys_file is not None:
+            self._file_keys = frozenset(_split_keys(_read_secret_file(self.api_keys_file, "api_keys_file")))
+        if self.worker_token_file is not None:
+            if self.worker_token is not None:
+                raise ValueError("set MOLE_WORKER_TOKEN or MOLE_WORKER_TOKEN_FILE, not both")
+            token = _read_secret_file(self.worker_token_file, "worker_token_file")
+            if not token:
+                raise ValueError(f"worker_token_file: {self.worker_token_file} is empty")
+            self.worker_token = SecretStr(token)
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_cap ({self.max_new_tokens_cap})"
+            )
+        if self.env == "production" and not self.api_key_set():
+            raise ValueError("env=production requires API keys: set MOLE_API_KEYS (or MOLE_API_KEYS_FILE)")
+        return self
+
+    def api_key_set(self) -> frozenset[str]:
+        """All accepted API keys (``api_keys`` plus ``api_keys_file``); empty means auth is off."""
+        return frozenset(self.api_keys) | self._file_keys
+
+    def worker_token_value(self) -> str | None:
+        """The plain worker token, or None when workers run without one."""
+        return self.worker_token.get_secret_value() if self.worker_token is not None else None
+
+
+def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
+    """Concrete ``(device, dtype)``: "auto" device is cuda when available else cpu; "auto" dtype is
+    bfloat16 on cuda and float32 elsewhere. Imports torch only when a value is "auto"."""
+    device, dtype = settings.device, settings.dtype
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype

@@ -1,0 +1,125 @@
+"""Test helpers: free loopback ports, demo-mapping copies, real service processes polled until ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+_PATH_KEYS = ("lora", "merged", "model", "discover", "adapter")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _abs(root: Path, value: Any) -> Any:
+    if isinstance(value, str) and not value.startswith("/") and "://" not in value:
+        return str(root / value)
+    return value
+
+
+def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json", **top: Any) -> Path:
+    """Copy the demo mapping to ``out_dir`` with absolute paths and fresh loopback ports.
+
+    Keyword arguments replace top-level keys (e.g. ``routing={...}``) after the rewrite.
+    """
+    doc = json.loads((assets / "expert_machine_mapping.json").read_text())
+    doc["base_model"] = _abs(assets, doc["base_model"])
+    doc["router"]["adapter"] = _abs(assets, doc["router"]["adapter"])
+    for spec in doc["adapters"].values():
+        for key in ("lora", "merged"):
+            if spec.get(key):
+                spec[key] = _abs(assets, spec[key])
+    for worker in doc["workers"]:
+        for key in ("model", "discover"):
+            if worker.get(key):
+                worker[key] = _abs(assets, worker[key])
+        worker["url"] = f"http://127.0.0.1:{free_port()}"
+    doc["coordinator"]["url"] = f"http://127.0.0.1:{free_port()}"
+    doc.update(top)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+class Service:
+    """A real service process (``mole ...``) with its log file; stopped with SIGTERM."""
+
+    def __init__(self, args: Sequence[str], url: str, log: Path, env: dict[str, str] | None = None):
+        self.args = list(args)
+        self.url = url
+        self.log = log
+        full_env = {**os.environ, "MOLE_TORCH_THREADS": "1", **(env or {})}
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mole.cli", *self.args],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.args} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._fh.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def worker_process(
+    mapping: Path, worker_id: str, log_dir: Path, env: dict[str, str] | None = None
+) -> Service:
+    doc = json.loads(mapping.read_text())
+    url = next(w["url"] for w in doc["workers"] if w["id"] == worker_id)
+    return Service(
+        ["worker", "--config", str(mapping), "--worker-id", worker_id], url, log_dir / f"{worker_id}.log", env
+    )
+
+
+def coordinator_process(mapping: Path, log_dir: Path, env: dict[str, str] | None = None) -> Service:
+    doc = json.loads(mapping.read_text())
+    return Service(
+        ["coordinator", "--config", str(mapping)], doc["coordinator"]["url"], log_dir / "coordinator.log", env
+    )

@@ -1,0 +1,1 @@
+"""mole worker: one model holder (merged or dynamic multi-LoRA) behind a batching FastAPI server."""

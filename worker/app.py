@@ -1,0 +1,48 @@
+"""``create_app``: the worker's FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from shared.errors import install_error_handlers
+from shared.http import BodyLimitMiddleware, RequestIdMiddleware
+from shared.mapping import MoleMapping
+from shared.settings import Settings, resolve_device_dtype
+from worker.routes import router
+from worker.service import WorkerService
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, mapping: MoleMapping, worker_id: str) -> FastAPI:
+    """A worker app serving ``worker_id`` of ``mapping``. The model loads in the background after
+    start-up; ``/health/ready`` is 503 until it is loaded and warmed."""
+    spec = mapping.worker(worker_id)  # fail fast on an unknown id
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        device, dtype = resolve_device_dtype(settings)
+        service = WorkerService(settings, mapping, worker_id, device=device, dtype=dtype)
+        app.state.service = service
+        service.start_loading()
+        try:
+            yield
+        finally:
+            service.drain()
+            logger.info("worker %s stopped", worker_id)
+
+    app = FastAPI(title=f"mole worker {spec.id}", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

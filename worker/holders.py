@@ -1,0 +1,208 @@
+"""Model holders: what a worker keeps in memory, behind one small interface.
+
+- :class:`MergedHolder`: a standalone Qwen3-VL checkpoint (a merged LoRA or any standalone
+  expert) serving exactly one adapter name.
+- :class:`DynamicHolder`: one base model with many PEFT adapters; a batch mixes adapters through
+  PEFT's per-row ``adapter_names``, so no request waits for an adapter switch (``set_adapter`` is
+  model-global state and is never used while serving).
+
+``HOLDERS`` maps the mapping's ``mode`` to the class. Holders are thread-safe: ``generate`` and the
+adapter load/unload calls serialise on one lock, so a hot load waits for the running batch and
+never changes the model under it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from shared.errors import AdapterNotFound, InvalidInput
+from shared.mapping import MoleMapping, WorkerSpec
+from shared.merge import METADATA_FILE
+from shared.modeling import Generated, GenerationParams, generate, load_model, load_processor, weights_hash
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request as the compute thread sees it: decoded image, templated text, decoding settings."""
+
+    image: Any
+    text: str
+    adapter: str
+    params: GenerationParams
+    seed: int | None = None
+
+    @property
+    def batch_key(self) -> tuple:
+        """Rows with equal keys may share a generate call (greedy rows always can)."""
+        if self.params.greedy:
+            return ("greedy",)
+        return ("sample", self.params.temperature, self.params.top_p, self.seed)
+
+
+class ModelHolder(ABC):
+    """A loaded model serving some adapters. ``load()`` once, then ``generate()`` from one thread."""
+
+    mode: ClassVar[str]
+
+    def __init__(self, spec: WorkerSpec, mapping: MoleMapping, *, device: str, dtype: str):
+        self.spec = spec
+        self.mapping = mapping
+        self.device = device
+        self.dtype = dtype
+        self.model: Any = None
+        self.processor: Any = None
+        self._lock = threading.Lock()
+        self._hashes: dict[str, str] = {}
+
+    @property
+    def model_path(self) -> Path:
+        """The checkpoint folder this holder loads (merged checkpoint, or the base model)."""
+        return Path(self.mapping.model_path(self.spec.id))
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights and processor (slow; called once, off the event loop)."""
+
+    @abstractmethod
+    def _generate(self, rows: Sequence[Row]) -> list[Generated]: ...
+
+    def adapters(self) -> dict[str, str]:
+        """Adapter name → sha256 of the weights actually loaded."""
+        return dict(self._hashes)
+
+    def generate(self, rows: Sequence[Row]) -> list[Generated]:
+        """Run one batch (rows share a batch key). Raises ``AdapterNotFound`` for unknown adapters."""
+        for row in rows:
+            if row.adapter not in self._hashes:
+                raise AdapterNotFound(f"adapter {row.adapter!r} is not loaded", adapters=sorted(self._hashes))
+        with self._lock:
+            return self._generate(rows)
+
+    def add_adapter(self, name: str, path: Path) -> str:
+        raise InvalidInput(f"a {self.mode} worker cannot load adapters; only dynamic workers can")
+
+    def remove_adapter(self, name: str) -> None:
+        raise InvalidInput(f"a {self.mode} worker cannot unload adapters; only dynamic workers can")
+
+    def _run(self, rows: Sequence[Row], adapter_names: Sequence[str] | None) -> list[Generated]:
+        first = rows[0]
+        params = GenerationParams(
+            max_new_tokens=max(r.params.max_new_tokens for r in rows),
+            temperature=first.params.temperature,
+            top_p=first.params.top_p,
+        )
+        return generate(
+            self.model,
+            self.processor,
+            [r.image for r in rows],
+            [r.text for r in rows],
+            params,
+            adapter_names=adapter_names,
+            seed=first.seed,
+            row_max_new_tokens=[r.params.max_new_tokens for r in rows],
+        )
+
+
+class MergedHolder(ModelHolder):
+    """A standalone checkpoint serving exactly one adapter name."""
+
+    mode = "merged"
+
+    def load(self) -> None:
+        path = self.model_path
+        self.processor = load_processor(path)
+        self.model = load_model(path, device=self.device, dtype=self.dtype)
+        self._hashes = {self.spec.adapters[0]: _checkpoint_hash(path)}
+
+    def _generate(self, rows: Sequence[Row]) -> list[Generated]:
+        return self._run(rows, None)
+
+
+class DynamicHolder(ModelHolder):
+    """One base model with many PEFT adapters, mixed per row."""
+
+    mode = "dynamic"
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """The adapters to load at start-up: the mapping's, then any discovered on the volume."""
+        return {name: Path(p) for name, p in self.mapping.adapters_on(self.spec.id).items()}
+
+    def load(self) -> None:
+        from peft import PeftModel
+
+        paths = self.adapter_paths()
+        if not paths:
+            raise ValueError(f"worker {self.spec.id!r}: a dynamic worker needs at least one adapter")
+        self.processor = load_processor(self.model_path)
+        base = load_model(self.model_path, device=self.device, dtype=self.dtype)
+        items = list(paths.items())
+        first_name, first_path = items[0]
+        self.model = PeftModel.from_pretrained(base, str(first_path), adapter_name=first_name)
+        self._hashes[first_name] = weights_hash(first_path)
+        for name, path in items[1:]:
+            self.model.load_adapter(str(path), adapter_name=name)
+            self._hashes[name] = weights_hash(path)
+        self.model.eval()
+        logger.info("dynamic worker loaded %d adapters: %s", len(items), ", ".join(paths))
+
+    def _generate(self, rows: Sequence[Row]) -> list[Generated]:
+        return self._run(rows, [r.adapter for r in rows])
+
+    def add_adapter(self, name: str, path: Path) -> str:
+        """Load (or replace) adapter ``name`` from ``path``; in-flight batches finish first."""
+        if not (path / "adapter_config.json").is_file():
+            raise InvalidInput(f"path: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        digest = weights_hash(path)
+        with self._lock:
+            if name in self._hashes:
+                self._delete(name)
+            self.model.load_adapter(str(path), adapter_name=name)
+            self.model.eval()
+            self._hashes[name] = digest
+        logger.info("loaded adapter %s (%s)", name, digest[:12])
+        return digest
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._hashes:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded", adapters=sorted(self._hashes))
+            if len(self._hashes) == 1:
+                raise InvalidInput(f"adapter {name!r} is the last one on this worker; load another first")
+            self._delete(name)
+        logger.info("unloaded adapter %s", name)
+
+    def _delete(self, name: str) -> None:
+        if self.model.active_adapter == name:
+            other = next(n for n in self._hashes if n != name) if len(self._hashes) > 1 else None
+            if other is not None:
+                self.model.set_adapter(other)
+        self.model.delete_adapter(name)
+        del self._hashes[name]
+
+
+def _checkpoint_hash(path: Path) -> str:
+    """The merged weights' hash from ``merge_metadata.json`` when present, else computed."""
+    meta = path / METADATA_FILE
+    if meta.is_file():
+        try:
+            return str(json.loads(meta.read_text())["merged"]["sha256"])
+        except (KeyError, ValueError):
+            pass
+    return weights_hash(path)
+
+
+HOLDERS: dict[str, type[ModelHolder]] = {"merged": MergedHolder, "dynamic": DynamicHolder}
+
+
+def make_holder(spec: WorkerSpec, mapping: MoleMapping, *, device: str, dtype: str) -> ModelHolder:
+    """The holder for ``spec.mode`` (registry lookup)."""
+    return HOLDERS[spec.mode](spec, mapping, device=device, dtype=dtype)

@@ -1,0 +1,53 @@
+"""The worker's Prometheus metrics, defined once on a per-app registry (labels: adapter, status)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "mole_worker_requests",
+            "Inference requests by adapter and outcome",
+            ["adapter", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mole_worker_request_seconds",
+            "End-to-end /infer latency",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "mole_worker_queue_wait_seconds",
+            "Time from admission to batch start",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mole_worker_batch_size",
+            "Rows per generate call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "mole_worker_batch_seconds", "Duration of one generate call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("mole_worker_queue_depth", "Requests waiting for a batch", registry=r)
+        self.tokens = Counter("mole_worker_tokens_generated", "Generated tokens", ["adapter"], registry=r)
+        self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
+        self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)

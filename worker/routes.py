@@ -1,0 +1,76 @@
+"""Worker HTTP routes: validate, call the service, return (design.md §3)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from shared.errors import InvalidInput
+from shared.http import metrics_response
+from shared.schemas import (
+    AdapterInfo,
+    InferRequest,
+    InferResponse,
+    LoadAdapterRequest,
+    WorkerInfo,
+    WorkerReady,
+)
+from worker.deps import Service, WorkerAuth
+
+DEADLINE_HEADER = "x-mole-deadline-ms"
+
+router = APIRouter()
+
+
+def _deadline(request: Request, default_s: float) -> float:
+    """Monotonic deadline from ``X-Mole-Deadline-Ms`` (remaining budget), else the default timeout."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return time.monotonic() + default_s
+    try:
+        budget_ms = float(raw)
+    except ValueError:
+        raise InvalidInput(f"{DEADLINE_HEADER} must be a number of milliseconds") from None
+    return time.monotonic() + max(0.0, budget_ms) / 1000.0
+
+
+@router.post("/infer", response_model=InferResponse, dependencies=[WorkerAuth])
+async def infer(body: InferRequest, request: Request, service: Service) -> InferResponse:
+    deadline = _deadline(request, service.settings.request_timeout_s)
+    return await service.infer(body, deadline=deadline)
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready", response_model=WorkerReady, responses={503: {"model": WorkerReady}})
+async def ready(service: Service) -> Response:
+    body = service.ready_body()
+    status = 200 if service.state == "ready" else 503
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+@router.get("/info", response_model=WorkerInfo)
+async def info(service: Service) -> WorkerInfo:
+    return service.info()
+
+
+@router.get("/metrics")
+async def metrics(service: Service) -> Response:
+    service.metrics.queue_depth.set(service.batcher.queue_depth)
+    return metrics_response(service.metrics.registry)
+
+
+@router.post("/adapters", response_model=AdapterInfo, dependencies=[WorkerAuth])
+async def load_adapter(body: LoadAdapterRequest, service: Service) -> AdapterInfo:
+    return await service.load_adapter(body.name, body.path)
+
+
+@router.delete("/adapters/{name}", dependencies=[WorkerAuth])
+async def unload_adapter(name: str, service: Service) -> dict[str, str]:
+    await service.unload_adapter(name)
+    return {"status": "unloaded", "adapter": name}

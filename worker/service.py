@@ -1,0 +1,218 @@
+"""The worker's serving object: input limits, the micro-batcher in front of the holder, readiness.
+
+Routes call :meth:`WorkerService.infer`; it validates against the settings, decodes the image and
+renders the prompt off the event loop, and submits one row to the batcher, whose thread runs the
+holder's generate. Loading happens in a background thread after start-up so that liveness answers
+while readiness stays 503 until the model is loaded and warmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from shared.batching import BatchSettings, MicroBatcher
+from shared.errors import AdapterNotFound, InvalidInput, NotReady, PayloadTooLarge
+from shared.images import decode_image
+from shared.mapping import MoleMapping
+from shared.modeling import Generated, GenerationParams, render_prompt
+from shared.schemas import AdapterInfo, InferRequest, InferResponse, WorkerInfo, WorkerReady
+from shared.settings import Settings
+from worker.holders import ModelHolder, Row, make_holder
+from worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "draining", "failed"]
+
+
+class WorkerService:
+    """One worker: a model holder, its batcher, its metrics and its lifecycle state."""
+
+    def __init__(self, settings: Settings, mapping: MoleMapping, worker_id: str, *, device: str, dtype: str):
+        self.settings = settings
+        self.mapping = mapping
+        self.spec = mapping.worker(worker_id)
+        self.holder: ModelHolder = make_holder(self.spec, mapping, device=device, dtype=dtype)
+        self.metrics = WorkerMetrics()
+        self.state: State = "loading"
+        self.load_error: str | None = None
+        self.batcher: MicroBatcher[Row, Generated] = MicroBatcher(
+            self.holder.generate,
+            BatchSettings(settings.max_batch_size, settings.max_wait_ms, settings.max_queue),
+            key=lambda row: row.batch_key,
+            name=f"worker-{worker_id}",
+            on_batch=self.metrics.observe_batch,
+        )
+        self._adapter_locks: dict[str, asyncio.Lock] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        """Load and warm the model in a background thread; readiness flips when done."""
+        thread = threading.Thread(target=self._load, name="worker-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.holder.load()
+            self._warm_up()
+        except Exception as exc:
+            self.state = "failed"
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            logger.exception("worker %s failed to load %s", self.spec.id, self.holder.model_path)
+            return
+        self.batcher.start()
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        self.metrics.adapters_loaded.set(len(self.holder.adapters()))
+        logger.info(
+            "worker %s ready: %s holder, %d adapter(s), loaded in %.1fs",
+            self.spec.id,
+            self.spec.mode,
+            len(self.holder.adapters()),
+            time.perf_counter() - t0,
+        )
+
+    def _warm_up(self) -> None:
+        """One tiny generation per adapter, so the first request pays no lazy initialisation."""
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        text = render_prompt(self.holder.processor, "warm up")
+        rows = [Row(image, text, name, GenerationParams(max_new_tokens=2)) for name in self.holder.adapters()]
+        self.holder.generate(rows)
+
+    def drain(self) -> None:
+        """Stop admitting; finish queued and running work within the drain timeout."""
+        self.state = "draining"
+        self.metrics.ready.set(0)
+        self.batcher.stop(self.settings.drain_timeout_s)
+
+    # ---- requests --------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.state != "ready":
+            raise NotReady(f"worker {self.spec.id} is {self.state}", state=self.state)
+
+    def _validate(self, req: InferRequest) -> GenerationParams:
+        s = self.settings
+        if len(req.prompt) > s.max_prompt_chars:
+            raise PayloadTooLarge(
+                f"prompt is {len(req.prompt)} characters; the limit is {s.max_prompt_chars}",
+                field="prompt",
+                limit=s.max_prompt_chars,
+            )
+        if req.max_new_tokens is not None and req.max_new_tokens > s.max_new_tokens_cap:
+            raise InvalidInput(
+                f"max_new_tokens={req.max_new_tokens} exceeds this worker's cap of {s.max_new_tokens_cap}",
+                field="max_new_tokens",
+                limit=s.max_new_tokens_cap,
+            )
+        adapters = self.holder.adapters()
+        if req.adapter not in adapters:
+            raise AdapterNotFound(
+                f"adapter {req.adapter!r} is not held by worker {self.spec.id}; it holds: {', '.join(sorted(adapters))}",
+                adapters=sorted(adapters),
+            )
+        spec = self.mapping.adapters.get(req.adapter)
+        default = spec.max_new_tokens if spec and spec.max_new_tokens else s.default_max_new_tokens
+        return GenerationParams(
+            max_new_tokens=min(req.max_new_tokens or default, s.max_new_tokens_cap),
+            temperature=req.temperature,
+            top_p=req.top_p,
+        )
+
+    def _prepare(self, req: InferRequest, params: GenerationParams) -> Row:
+        image = decode_image(
+            req.image_b64, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels
+        )
+        spec = self.mapping.adapters.get(req.adapter)
+        text = render_prompt(self.holder.processor, req.prompt, spec.system_prompt if spec else None)
+        return Row(image, text, req.adapter, params, req.seed)
+
+    async def infer(self, req: InferRequest, *, deadline: float | None = None) -> InferResponse:
+        """Serve one request; raises typed errors (bad input, unknown adapter, overload, timeout)."""
+        self.require_ready()
+        t0 = time.perf_counter()
+        status = "error"
+        try:
+            params = self._validate(req)
+            row = await asyncio.to_thread(self._prepare, req, params)
+            t1 = time.perf_counter()
+            self.metrics.queue_depth.set(self.batcher.queue_depth)
+            result = await self.batcher.submit(row, deadline=deadline)
+            t2 = time.perf_counter()
+            status = "ok"
+        except Exception as exc:
+            status = getattr(exc, "code", "error")
+            raise
+        finally:
+            self.metrics.requests.labels(adapter=self._metric_adapter(req.adapter), status=status).inc()
+            self.metrics.queue_depth.set(self.batcher.queue_depth)
+        self.metrics.latency.labels(adapter=req.adapter).observe(t2 - t0)
+        self.metrics.tokens.labels(adapter=req.adapter).inc(result.tokens)
+        return InferResponse(
+            output=result.text,
+            adapter=req.adapter,
+            mode=self.spec.mode,
+            worker_id=self.spec.id,
+            tokens_generated=result.tokens,
+            timings_ms={
+                "prepare": round((t1 - t0) * 1000, 3),
+                "queue_and_generate": round((t2 - t1) * 1000, 3),
+                "total": round((t2 - t0) * 1000, 3),
+            },
+        )
+
+    def _metric_adapter(self, name: str) -> str:
+        """Adapter label for metrics: unknown names collapse to one value (bounded cardinality)."""
+        return name if name in self.holder.adapters() else "unknown"
+
+    # ---- views -----------------------------------------------------------------------------
+    def ready_body(self) -> WorkerReady:
+        status: Literal["ready", "loading", "draining"] = (
+            "ready" if self.state == "ready" else "draining" if self.state == "draining" else "loading"
+        )
+        return WorkerReady(
+            status=status,
+            worker_id=self.spec.id,
+            mode=self.spec.mode,
+            adapters=[AdapterInfo(name=n, sha256=h) for n, h in sorted(self.holder.adapters().items())],
+        )
+
+    def info(self) -> WorkerInfo:
+        s = self.settings
+        return WorkerInfo(
+            worker_id=self.spec.id,
+            mode=self.spec.mode,
+            adapters=sorted(self.holder.adapters()),
+            base_model=str(self.holder.model_path),
+            device=self.holder.device,
+            dtype=self.holder.dtype,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+            max_new_tokens_cap=s.max_new_tokens_cap,
+        )
+
+    # ---- hot adapter management (dynamic workers) -----------------------------------------
+    def _lock_for(self, name: str) -> asyncio.Lock:
+        return self._adapter_locks.setdefault(name, asyncio.Lock())
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        self.require_ready()
+        async with self._lock_for(name):
+            digest = await asyncio.to_thread(self.holder.add_adapter, name, Path(path))
+        self.metrics.adapters_loaded.set(len(self.holder.adapters()))
+        return AdapterInfo(name=name, sha256=digest)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.require_ready()
+        async with self._lock_for(name):
+            await asyncio.to_thread(self.holder.remove_adapter, name)
+        self.metrics.adapters_loaded.set(len(self.holder.adapters()))
