@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.errors import InvalidInput
+
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
@@ -143,8 +145,15 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None)
 
 
 def encode_batch(processor: Any, images: Sequence[Image], texts: Sequence[str], device: str) -> dict:
-    """Tokenize templated texts with their images into one left-padded batch on ``device``."""
-    batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
+    """Tokenize templated texts with their images into one left-padded batch on ``device``.
+
+    An image the image processor cannot handle (e.g. an extreme aspect ratio) raises
+    :class:`~shared.errors.InvalidInput` naming ``image_b64``.
+    """
+    try:
+        batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"image_b64: the model's image processor rejected the image: {exc}") from exc
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.errors import AdapterNotFound, InvalidInput
+from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError
 from shared.mapping import MoleMapping, WorkerSpec
 from shared.merge import METADATA_FILE
 from shared.modeling import Generated, GenerationParams, generate, load_model, load_processor, weights_hash
@@ -85,7 +85,12 @@ class ModelHolder(ABC):
             if row.adapter not in self._hashes:
                 raise AdapterNotFound(f"adapter {row.adapter!r} is not loaded", adapters=sorted(self._hashes))
         with self._lock:
-            return self._generate(rows)
+            try:
+                return self._generate(rows)
+            except MoleError:
+                raise
+            except Exception as exc:  # a model failure: this batch's requests fail, the worker lives on
+                raise GenerationFailed(f"generation failed: {exc.__class__.__name__}") from exc
 
     def add_adapter(self, name: str, path: Path) -> str:
         raise InvalidInput(f"a {self.mode} worker cannot load adapters; only dynamic workers can")
