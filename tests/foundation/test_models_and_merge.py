@@ -115,7 +115,7 @@ def test_parity_gate_refuses_a_corrupted_adapter(demo_assets: Path, tmp_path: Pa
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, str(adapter / "adapter_model.safetensors"))
     out = tmp_path / "merged-claim"
-    with pytest.raises(ParityError, match="refus|non-finite|failed"):
+    with pytest.raises(ParityError, match=r"refus|non-finite|failed"):
         merge_adapter(demo_assets / "base", adapter, out)
     assert not out.exists(), "a failed merge must publish nothing"
 
