@@ -17,7 +17,12 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 # LogRecord attributes that are not user ``extra`` fields.
-_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn adds ``color_message`` (the message again, with ANSI colours) to its records.
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 _HANDLER_MARK = "_mole_handler"
 
 
@@ -57,6 +62,9 @@ class PlainFormatter(logging.Formatter):
         return f"{head} {' '.join(extras)}{sep}{tail}"
 
 
+_QUIET_LOGGERS = ("httpx", "httpcore", "transformers", "peft", "huggingface_hub")
+
+
 def configure_logging(settings: Settings) -> None:
     """Install one stderr handler on the root logger with the level and format from ``settings``.
 
@@ -71,3 +79,6 @@ def configure_logging(settings: Settings) -> None:
         root.addHandler(handler)
     handler.setFormatter(JsonFormatter() if settings.log_json else PlainFormatter())
     root.setLevel(settings.log_level)
+    # Per-request client logs and library progress bars would drown the service's own lines.
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -117,7 +117,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
     """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode."""
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar would flood service logs
     model = AutoModelForImageTextToText.from_pretrained(
         str(_checkpoint_dir(path)), dtype=resolve_dtype(dtype)
     )

@@ -1,0 +1,132 @@
+"""``mole demo``: the main job end to end on the embedded default.
+
+Builds (or reuses) the demo assets, starts the local stack with :class:`mole.up.Stack`, sends
+held-out screenshots of every expert through ``POST /classify`` (router-chosen, plus one explicit
+expert and one ``prefer_merged=false`` request), prints a table, stops the stack. Exits non-zero
+when a service fails, a request fails, a screen is routed to the wrong expert, or an answer is not
+in its expert's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shared import synthetic
+from shared.images import encode_image_b64
+
+SAMPLES_PER_EXPERT = 2
+
+
+@dataclass
+class Case:
+    expected: str  # the expert that should answer
+    sample: synthetic.Sample
+    expert: str | int | None = None  # explicit override
+    prefer_merged: bool | None = None
+    note: str = "routed"
+
+
+@dataclass
+class Outcome:
+    case: Case
+    status: int
+    body: dict
+    latency_ms: float
+
+    @property
+    def ok(self) -> bool:
+        if self.status != 200:
+            return False
+        return self.body["adapter"] == self.case.expected and bool(
+            synthetic.EXPERT_FORMATS[self.case.expected].match(self.body["output"])
+        )
+
+    @property
+    def exact(self) -> bool:
+        return self.status == 200 and self.body["output"] == synthetic.expected_output(
+            self.case.expected, self.case.sample.color
+        )
+
+
+def build_cases(seed: int = 2026) -> list[Case]:
+    samples = synthetic.make_samples(len(synthetic.KINDS) * SAMPLES_PER_EXPERT, seed=seed)
+    cases = [Case(s.kind, s) for s in samples]
+    login = next(s for s in samples if s.kind == "login")
+    calendar = next(s for s in samples if s.kind == "calendar")
+    cases.append(Case("login", login, expert="login", note="explicit"))
+    cases.append(Case("calendar", calendar, prefer_merged=False, note="prefer_merged=false"))
+    return cases
+
+
+def send(client: httpx.Client, url: str, case: Case) -> Outcome:
+    body: dict = {"image_b64": encode_image_b64(case.sample.image), "prompt": case.sample.prompt}
+    if case.expert is not None:
+        body["expert"] = case.expert
+    if case.prefer_merged is not None:
+        body["prefer_merged"] = case.prefer_merged
+    t0 = time.perf_counter()
+    try:
+        r = client.post(f"{url}/classify", json=body)
+        status, payload = r.status_code, r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        status, payload = 0, {"error": {"message": str(exc)}}
+    return Outcome(case, status, payload, (time.perf_counter() - t0) * 1000)
+
+
+def format_table(outcomes: list[Outcome]) -> str:
+    header = ("", "request", "expected", "routed to", "conf", "worker", "mode", "output", "ms")
+    rows = [header]
+    for o in outcomes:
+        b = o.body
+        if o.status == 200:
+            conf = "explicit" if b.get("confidence") is None else f"{b['confidence']:.2f}"
+            routed, worker, mode, output = b["adapter"], b["worker_id"], b["mode"], b["output"]
+        else:
+            conf, routed, worker, mode = "-", f"HTTP {o.status}", "-", "-"
+            output = str(b.get("error", {}).get("message", ""))[:60]
+        mark = "ok" if o.ok else "FAIL"
+        rows.append(
+            (mark, o.case.note, o.case.expected, routed, conf, worker, mode, output, f"{o.latency_ms:.0f}")
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mole.up import Progress, Stack, StackError
+    from shared.demo_assets import build_demo_assets
+
+    assets = Path(args.assets)
+    build_demo_assets(assets, log=lambda msg: print(msg, file=sys.stderr))
+    mapping = assets / "expert_machine_mapping.json"
+    print(f"starting the local stack from {mapping}", file=sys.stderr)
+    try:
+        with Stack(mapping, env={"MOLE_TORCH_THREADS": "1"}) as stack:
+            stack.start()
+            stack.wait_ready(progress=Progress())
+            print(stack.table(), file=sys.stderr)
+            url = stack.coordinator.probe_url
+            with httpx.Client(timeout=60) as client:
+                outcomes = [send(client, url, case) for case in build_cases()]
+    except StackError as exc:
+        print(f"mole demo: the stack failed: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(outcomes))
+    failed = [o for o in outcomes if not o.ok]
+    exact = sum(o.exact for o in outcomes)
+    print(
+        f"\n{len(outcomes) - len(failed)}/{len(outcomes)} requests routed to the right expert with a "
+        f"well-formed answer; {exact}/{len(outcomes)} answers read the screen exactly."
+    )
+    if failed:
+        print(f"mole demo: {len(failed)} request(s) failed", file=sys.stderr)
+        return 1
+    return 0
