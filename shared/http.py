@@ -104,6 +104,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class RequireJsonMiddleware:
+    """Answer 415 to a POST/PUT/PATCH whose body is not declared ``application/json``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope.get("headers", []))
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+            if has_body and ctype != b"application/json":
+                body = {
+                    "error": {
+                        "code": "unsupported_media_type",
+                        "message": f"Content-Type must be application/json, got {ctype.decode('latin-1') or 'none'!r}",
+                        "field": "Content-Type",
+                    }
+                }
+                await _send_json(send, 415, body)
+                return
+        await self.app(scope, receive, send)
+
+
 class RequestIdMiddleware:
     """Accept ``X-Request-Id`` (or mint one), store it on ``request.state``, echo it on the response."""
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shared.errors import install_error_handlers
-from shared.http import BodyLimitMiddleware, RequestIdMiddleware
+from shared.http import BodyLimitMiddleware, RequestIdMiddleware, RequireJsonMiddleware
 from shared.mapping import MoleMapping
 from shared.settings import Settings, resolve_device_dtype
 from worker.routes import router
@@ -43,6 +43,7 @@ def create_app(settings: Settings, mapping: MoleMapping, worker_id: str) -> Fast
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(RequireJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
