@@ -205,3 +205,18 @@ def test_second_build_reuses_the_cache(demo_assets: Path) -> None:
     assert messages == [f"demo assets up to date in {demo_assets.resolve()}"]
     assert (demo_assets / "base/model.safetensors").stat().st_mtime_ns == before
     assert report.router_heldout_accuracy >= 0.95
+
+
+def test_merge_warns_loudly_about_vision_tower_weights(
+    demo_assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=r".*visual.*\.qkv|.*language_model.*\.q_proj", lora_dropout=0.0)
+    model = get_peft_model(load_model(demo_assets / "base"), config)
+    adapter = tmp_path / "vision-adapter"
+    model.save_pretrained(str(adapter))
+    with caplog.at_level("WARNING", logger="shared.merge"):
+        manifest = merge_adapter(demo_assets / "base", adapter, tmp_path / "merged")
+    assert manifest["vision_tower_tensors"] > 0
+    assert any("VISION TOWER" in r.getMessage() for r in caplog.records)
