@@ -49,6 +49,7 @@ class CallContext:
 
     request_id: str
     timeout_s: float  # how long this call may take (min of the worker timeout and the budget left)
+    connect_timeout_s: float  # TCP connect limit (routing.connect_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -132,23 +133,24 @@ def _retry_after(resp: httpx.Response) -> float | None:
 class HttpBackend:
     """A worker process reached over HTTP through the shared keep-alive client."""
 
-    def __init__(self, spec: WorkerSpec, client: httpx.AsyncClient, *, connect_timeout_s: float, token: str | None):
+    def __init__(self, spec: WorkerSpec, client: httpx.AsyncClient, *, token: str | None):
         self.name = spec.id
         self.mode: Mode = spec.mode
         self.url = spec.url
         self._client = client
-        self._connect_timeout_s = connect_timeout_s
         self._token = token
 
     async def schedule(self, request: InferRequest, ctx: CallContext) -> InferResponse:
         headers = {REQUEST_ID_HEADER: ctx.request_id, DEADLINE_HEADER: str(max(1, int(ctx.timeout_s * 1000)))}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        timeout = httpx.Timeout(ctx.timeout_s, connect=min(self._connect_timeout_s, ctx.timeout_s))
+        timeout = httpx.Timeout(ctx.timeout_s, connect=min(ctx.connect_timeout_s, ctx.timeout_s))
         body = request.model_dump(exclude_none=True)
         try:
             async with asyncio.timeout(ctx.timeout_s):  # the total, not per read: never hang
-                resp = await self._client.post(f"{self.url}/infer", json=body, headers=headers, timeout=timeout)
+                resp = await self._client.post(
+                    f"{self.url}/infer", json=body, headers=headers, timeout=timeout
+                )
         except httpx.ConnectTimeout:
             raise AttemptFailed("connect_timeout") from None
         except (TimeoutError, httpx.TimeoutException):
@@ -178,9 +180,8 @@ class HttpBackend:
 
     async def health(self) -> Probe:
         t0 = time.perf_counter()
-        timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=self._connect_timeout_s)
         try:
-            resp = await self._client.get(f"{self.url}/health/ready", timeout=timeout)
+            resp = await self._client.get(f"{self.url}/health/ready", timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError as exc:
             return Probe("down", latency_ms=_ms_since(t0), error=type(exc).__name__)
         latency = _ms_since(t0)
@@ -195,7 +196,8 @@ class HttpBackend:
             state = "up"
         else:  # a 503 that claims "ready" is still not ready: trust the status code
             state = "draining" if ready.status == "draining" else "loading"
-        return Probe(state, adapters=ready.adapters, latency_ms=latency)
+        # Only a ready worker's adapter list is complete (a loading one reports what it has so far).
+        return Probe(state, adapters=ready.adapters if state == "up" else None, latency_ms=latency)
 
 
 def _ms_since(t0: float) -> float:
@@ -333,7 +335,9 @@ class Dispatcher:
                         adapter=adapter,
                         tried=tried,
                     )
-                ctx = CallContext(request_id, min(routing.request_timeout_s, remaining))
+                ctx = CallContext(
+                    request_id, min(routing.request_timeout_s, remaining), routing.connect_timeout_s
+                )
                 try:
                     response, worker_ms = await self._call(replica, request, ctx)
                 except AttemptFailed as exc:
@@ -360,7 +364,9 @@ class Dispatcher:
     def _unserved(self, adapter: str, tried: list[dict[str, str]], overloaded: float | None) -> Exception:
         if overloaded is not None and all(t["reason"] == "overloaded" for t in tried):
             return Overloaded(
-                f"every worker holding adapter {adapter} is overloaded", retry_after=overloaded, adapter=adapter
+                f"every worker holding adapter {adapter} is overloaded",
+                retry_after=overloaded,
+                adapter=adapter,
             )
         holders = [
             {"worker": r.spec.id, "state": r.state, "ejected": r.ejected(time.monotonic())}
@@ -375,7 +381,9 @@ class Dispatcher:
             message = f"no ready worker holds adapter {adapter}; replicas: {states}"
         return NoWorkerAvailable(message, adapter=adapter, tried=tried, replicas=holders)
 
-    async def _call(self, replica: Replica, request: InferRequest, ctx: CallContext) -> tuple[InferResponse, float]:
+    async def _call(
+        self, replica: Replica, request: InferRequest, ctx: CallContext
+    ) -> tuple[InferResponse, float]:
         replica.in_flight += 1
         t0 = time.perf_counter()
         outcome = "error"

@@ -81,7 +81,8 @@ class Router:
         self.version = ""  # sha256 of the router adapter's weights, set by load()
         self.device = "cpu"
         self._model: Any = None
-        self._processor: Any = None
+        self._processor: Any = None  # used only on the batcher thread
+        self._tokenizer: Any = None  # a separate instance for the event loop's side (labels, usage)
         self._batcher: MicroBatcher[_RouteItem, tuple[float, ...]] = MicroBatcher(
             self._run_batch,
             BatchSettings(settings.max_batch_size, settings.max_wait_ms, settings.max_queue),
@@ -95,6 +96,7 @@ class Router:
         """Load base + router LoRA, hash the adapter and start the batcher thread."""
         import torch
         from peft import PeftModel
+        from transformers import AutoTokenizer
 
         from shared.modeling import load_model, load_processor, weights_hash
 
@@ -103,6 +105,8 @@ class Router:
         device, dtype = resolve_device_dtype(self._settings)
         self.device = device
         self._processor = load_processor(self.base_model)
+        # Fast tokenizers must not be used from two threads while one re-configures padding.
+        self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         base = load_model(self.base_model, device=device, dtype=dtype)
         self._model = PeftModel.from_pretrained(base, self.adapter)
         self._model.eval()
@@ -127,15 +131,17 @@ class Router:
         from shared.modeling import label_token_ids, render_prompt
 
         labels = tuple(spec.ordered_labels())
-        ids = tuple(label_token_ids(self._processor.tokenizer, labels))
+        ids = tuple(label_token_ids(self._tokenizer, labels))
         return RouterConfig(labels=labels, label_ids=ids, text=render_prompt(self._processor, spec.prompt))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` with the base tokenizer (usage accounting)."""
-        return len(self._processor.tokenizer.encode(text, add_special_tokens=False))
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     # ---- scoring ---------------------------------------------------------------------------
-    async def score(self, image: Image, config: RouterConfig, *, deadline: float | None = None) -> RouteScores:
+    async def score(
+        self, image: Image, config: RouterConfig, *, deadline: float | None = None
+    ) -> RouteScores:
         """Probabilities of ``config``'s labels for ``image`` (batched with concurrent callers)."""
         probs = await self._batcher.submit(_RouteItem(image, config), deadline=deadline)
         return RouteScores(labels=config.labels, probabilities=probs)
@@ -179,7 +185,9 @@ def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | Non
     path = [f"router:{top_k[0].label}->{choice}@{top_k[0].probability:.3f}"] if top_k else []
     if explicit is not None:
         label = mapping.adapters[explicit].label or ""
-        return RouteDecision(explicit, label, None, "explicit", top_k, choice, [*path, f"explicit:{explicit}"])
+        return RouteDecision(
+            explicit, label, None, "explicit", top_k, choice, [*path, f"explicit:{explicit}"]
+        )
     assert scores is not None and top_k, "the router must run when no expert is explicit"
     top = top_k[0]
     fallback = spec.fallback_adapter

@@ -1,0 +1,132 @@
+"""The coordinator's HTTP routes: validate, call the serving object, return.
+
+``public`` and ``admin`` require an API key (when keys are configured); ``ops`` (health, metrics,
+``/workers``) stays open for probes and dashboards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from coordinator.deps import ApiKeyDep, RequestIdDep, ServiceDep
+from coordinator.openai_compat import ChatCompletionRequest, ChatCompletionResponse, ModelList, model_list
+from coordinator.service import Served
+from shared.http import metrics_response
+from shared.schemas import (
+    ClassifyBatchRequest,
+    ClassifyBatchResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    InferWebRequest,
+    InferWebResponse,
+    error_responses,
+)
+
+ROUTER_VERSION_HEADER = "X-Mole-Router-Version"  # sha256 of the router adapter in force
+ROUTE_TOP_HEADER = "X-Mole-Route-Top"  # "adapter=probability,..." of the router's top labels
+
+public = APIRouter(
+    dependencies=[ApiKeyDep], responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504)
+)
+admin = APIRouter(prefix="/admin", dependencies=[ApiKeyDep], responses=error_responses(400, 401))
+ops = APIRouter()
+
+
+def _route_headers(response: Response, served: Served) -> None:
+    response.headers[ROUTER_VERSION_HEADER] = served.router_version
+    top = served.response.top_k
+    if top:
+        response.headers[ROUTE_TOP_HEADER] = ",".join(f"{c.adapter}={c.probability:.4f}" for c in top)
+
+
+@public.post("/classify", response_model=ClassifyResponse)
+async def classify(
+    body: ClassifyRequest, service: ServiceDep, rid: RequestIdDep, response: Response
+) -> ClassifyResponse:
+    """Route (or take ``expert``), run on a worker, return the output with how it was served."""
+    served = await service.classify(body, rid)
+    _route_headers(response, served)
+    return served.response
+
+
+@public.post("/classify/batch", response_model=ClassifyBatchResponse)
+async def classify_batch(
+    body: ClassifyBatchRequest, service: ServiceDep, rid: RequestIdDep, response: Response
+) -> ClassifyBatchResponse:
+    """Items run concurrently; each result is ``ok`` with a result or not ``ok`` with its error."""
+    result = await service.classify_batch(body, rid)
+    response.headers[ROUTER_VERSION_HEADER] = service.router_version
+    return result
+
+
+@public.get("/classify/stats")
+async def classify_stats(service: ServiceDep) -> dict[str, Any]:
+    """Counts per adapter, routed_by and mode, errors by code, shadow-mode router agreement."""
+    return service.stats_snapshot()
+
+
+@public.post("/infer_web", response_model=InferWebResponse)
+async def infer_web(
+    body: InferWebRequest, service: ServiceDep, rid: RequestIdDep, response: Response
+) -> InferWebResponse:
+    """The original single-server API: ``expert`` is a label index; answers ``task_output``."""
+    req = ClassifyRequest(image_b64=body.image_b64, prompt=body.prompt, expert=body.expert)
+    served = await service.classify(req, rid)
+    _route_headers(response, served)
+    r = served.response
+    return InferWebResponse(
+        task_output=r.output,
+        routed_adapter=r.adapter,
+        label=r.label,
+        confidence=r.confidence,
+        worker_id=r.worker_id,
+        mode=r.mode,
+        request_id=r.request_id,
+    )
+
+
+@public.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(
+    body: ChatCompletionRequest, service: ServiceDep, rid: RequestIdDep, response: Response
+) -> ChatCompletionResponse:
+    """OpenAI-compatible: ``model`` is ``auto`` or an adapter; the image is a ``data:`` URL part."""
+    completion, served = await service.chat(body, rid)
+    _route_headers(response, served)
+    return completion
+
+
+@public.get("/v1/models", response_model=ModelList)
+async def list_models(service: ServiceDep) -> ModelList:
+    return model_list(sorted(service.mapping.adapters))
+
+
+@admin.post("/reload")
+async def reload_mapping(service: ServiceDep) -> dict[str, Any]:
+    """Re-read and validate the mapping file; a bad one is a 400 and the old one stays in force."""
+    return await service.reload("admin")
+
+
+@ops.get("/workers")
+async def workers(service: ServiceDep) -> dict[str, Any]:
+    """Every worker with url, mode, adapters, state, ejection, last probe time and latency."""
+    return {"workers": service.dispatcher.view()}
+
+
+@ops.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@ops.get("/health/ready")
+async def ready(service: ServiceDep) -> JSONResponse:
+    """200 once the router is loaded and at least one worker is up; 503 otherwise."""
+    ok, body = service.readiness()
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@ops.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    return metrics_response(service.metrics.registry)

@@ -1,0 +1,355 @@
+"""Pure units: replica choice, retries, fallback and ejection; the router's decision policy; the HTTP
+backend's reading of worker answers; OpenAI request translation. No model, no processes.
+
+Backends here are fault-injection doubles: they return scripted outcomes per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.dispatch import (
+    DEADLINE_HEADER,
+    AttemptFailed,
+    AttemptTimedOut,
+    CallContext,
+    Dispatcher,
+    HttpBackend,
+    Probe,
+    WorkerRejected,
+)
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.openai_compat import ChatCompletionRequest, to_classify
+from coordinator.router import RouteScores, decide
+from shared.errors import InvalidInput, NoConfidentRoute, NoWorkerAvailable, Overloaded, WorkerTimeout
+from shared.mapping import MoleMapping, WorkerSpec, parse_mapping
+from shared.schemas import AdapterInfo, InferRequest, InferResponse, Mode
+
+Outcome = Exception | None  # None: answer successfully
+
+
+def make_mapping(tmp_path: Path, **routing: Any) -> MoleMapping:
+    doc = {
+        "base_model": "base",
+        "router": {"adapter": "router", "labels": {"0": "calendar", "1": "login"}},
+        "adapters": {
+            "calendar": {"label": "0", "lora": "l/cal", "mode": "merged", "merged": "m/cal"},
+            "login": {"label": "1", "lora": "l/login", "mode": "dynamic"},
+        },
+        "workers": [
+            {"id": "merged-a", "url": "http://127.0.0.1:9001", "mode": "merged", "adapters": ["calendar"]},
+            {"id": "merged-b", "url": "http://127.0.0.1:9002", "mode": "merged", "adapters": ["calendar"]},
+            {
+                "id": "dynamic-0",
+                "url": "http://127.0.0.1:9003",
+                "mode": "dynamic",
+                "adapters": ["calendar", "login"],
+            },
+        ],
+        "routing": {"eject_after_failures": 2, "eject_base_s": 30.0, **routing},
+    }
+    return parse_mapping(doc, base_dir=tmp_path, env={})
+
+
+class ScriptedBackend:
+    """Answers from a per-call script (fault injection); records the calls it got."""
+
+    def __init__(self, spec: WorkerSpec, script: list[Outcome]):
+        self.name = spec.id
+        self.mode: Mode = spec.mode
+        self.script = script
+        self.calls = 0
+
+    async def schedule(self, request: InferRequest, ctx: CallContext) -> InferResponse:
+        self.calls += 1
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is not None:
+            raise outcome
+        return InferResponse(
+            output="ok",
+            adapter=request.adapter,
+            mode=self.mode,
+            worker_id=self.name,
+            tokens_generated=1,
+            timings_ms={},
+        )
+
+    async def health(self) -> Probe:
+        return Probe("up", adapters=[AdapterInfo(name=n, sha256="x") for n in ("calendar", "login")])
+
+
+def make_dispatcher(
+    mapping: MoleMapping, scripts: dict[str, list[Outcome]]
+) -> tuple[Dispatcher, dict[str, ScriptedBackend]]:
+    backends: dict[str, ScriptedBackend] = {}
+
+    def factory(spec: WorkerSpec) -> ScriptedBackend:
+        backends[spec.id] = ScriptedBackend(spec, scripts.get(spec.id, []))
+        return backends[spec.id]
+
+    return Dispatcher(mapping, factory, CoordinatorMetrics()), backends
+
+
+def run(
+    dispatcher: Dispatcher, adapter: str = "calendar", prefer_merged: bool = True, budget: float = 10.0
+) -> Any:
+    req = InferRequest(image_b64="x", prompt="p", adapter=adapter)
+    return asyncio.run(
+        dispatcher.dispatch(
+            req, prefer_merged=prefer_merged, request_id="r1", deadline=time.monotonic() + budget
+        )
+    )
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+
+def test_safe_failure_is_retried_once_on_a_different_merged_replica(tmp_path: Path) -> None:
+    d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [AttemptFailed("http_503")]})
+    served = run(d)
+    assert served.worker_id == "merged-b" and not served.degraded
+    assert served.path == ["merged-a:http_503", "merged-b:ok"]
+    assert backends["dynamic-0"].calls == 0
+
+
+def test_no_merged_replica_left_falls_back_to_dynamic_degraded(tmp_path: Path) -> None:
+    scripts: dict[str, list[Outcome]] = {
+        "merged-a": [AttemptFailed("connect_error")],
+        "merged-b": [AttemptFailed("read_error")],
+    }
+    d, _ = make_dispatcher(make_mapping(tmp_path), scripts)
+    served = run(d)
+    assert served.worker_id == "dynamic-0" and served.degraded and served.response.mode == "dynamic"
+    states = {r.spec.id: r.state for r in d.replicas()}
+    assert states["merged-a"] == "down"  # a refused connection fails over at once
+    assert states["merged-b"] == "unknown"  # a read error alone says nothing about liveness
+
+
+def test_without_dynamic_fallback_nothing_left_is_503_naming_adapter_and_workers(tmp_path: Path) -> None:
+    scripts: dict[str, list[Outcome]] = {
+        "merged-a": [AttemptFailed("http_502")],
+        "merged-b": [AttemptFailed("http_503")],
+    }
+    d, backends = make_dispatcher(make_mapping(tmp_path, fallback_to_dynamic=False), scripts)
+    with pytest.raises(NoWorkerAvailable) as err:
+        run(d)
+    assert err.value.details["adapter"] == "calendar"
+    assert [t["worker"] for t in err.value.details["tried"]] == ["merged-a", "merged-b"]
+    assert "merged-a (http_502)" in err.value.message
+    assert backends["dynamic-0"].calls == 0
+
+
+def test_prefer_merged_false_uses_dynamic_first_without_degrading(tmp_path: Path) -> None:
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    served = run(d, prefer_merged=False)
+    assert served.worker_id == "dynamic-0" and not served.degraded
+
+
+def test_least_in_flight_ready_replica_is_chosen(tmp_path: Path) -> None:
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    asyncio.run(d.probe_all())
+    next(r for r in d.replicas() if r.spec.id == "merged-a").in_flight = 3
+    assert run(d).worker_id == "merged-b"
+
+
+def test_worker_4xx_is_passed_through_without_retry(tmp_path: Path) -> None:
+    rejected = WorkerRejected("merged-a", 404, {"error": {"code": "adapter_not_found", "message": "no"}})
+    d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [rejected]})
+    with pytest.raises(WorkerRejected) as err:
+        run(d)
+    assert err.value.status == 404 and err.value.code == "adapter_not_found"
+    assert backends["merged-b"].calls == 0 and backends["dynamic-0"].calls == 0
+
+
+def test_timeout_is_504_and_not_retried(tmp_path: Path) -> None:
+    d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [AttemptTimedOut("slow")]})
+    with pytest.raises(WorkerTimeout) as err:
+        run(d)
+    assert err.value.details["worker"] == "merged-a"
+    assert backends["merged-b"].calls == 0
+
+
+def test_every_replica_overloaded_is_429_with_retry_after(tmp_path: Path) -> None:
+    d, _ = make_dispatcher(
+        make_mapping(tmp_path), {"dynamic-0": [AttemptFailed("overloaded", retry_after=3.0)]}
+    )
+    with pytest.raises(Overloaded) as err:
+        run(d, adapter="login")
+    assert err.value.retry_after == 3.0
+
+
+def test_consecutive_failures_eject_but_never_the_last_replica(tmp_path: Path) -> None:
+    mapping = make_mapping(tmp_path, retries=0, fallback_to_dynamic=False)
+    failing = [AttemptFailed("http_503") for _ in range(10)]
+    d, _ = make_dispatcher(mapping, {"dynamic-0": list(failing), "merged-a": list(failing)})
+    replicas = {r.spec.id: r for r in d.replicas()}
+    for _ in range(2):
+        with pytest.raises(NoWorkerAvailable):
+            run(d, adapter="login")
+    # dynamic-0 is login's only replica: it keeps failing but stays in service
+    assert not replicas["dynamic-0"].ejected(time.monotonic())
+    for _ in range(2):
+        with pytest.raises(NoWorkerAvailable):
+            run(d)  # calendar -> merged-a (retries=0)
+    assert replicas["merged-a"].ejected(time.monotonic()) and replicas["merged-a"].times_ejected == 1
+    assert run(d).worker_id == "merged-b"
+
+
+def test_adapter_missing_on_worker_is_not_routed_there(tmp_path: Path) -> None:
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    asyncio.run(d.probe_all())
+    dyn = next(r for r in d.replicas() if r.spec.id == "dynamic-0")
+    dyn.reported = [AdapterInfo(name="calendar", sha256="x")]
+    assert dyn.missing() == ["login"]
+    with pytest.raises(NoWorkerAvailable):
+        run(d, adapter="login")
+    assert next(w for w in d.view() if w["id"] == "dynamic-0")["missing_adapters"] == ["login"]
+
+
+def test_spent_budget_is_504(tmp_path: Path) -> None:
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    with pytest.raises(WorkerTimeout):
+        run(d, budget=-1.0)
+
+
+# ---- HTTP backend -------------------------------------------------------------------------------
+
+
+def http_backend(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[HttpBackend, httpx.AsyncClient]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    spec = WorkerSpec(id="w", url="http://127.0.0.1:9", mode="dynamic", adapters=["login"])
+    return HttpBackend(spec, client, token="tok"), client
+
+
+def call(handler: Callable[[httpx.Request], httpx.Response]) -> InferResponse:
+    async def go() -> InferResponse:
+        backend, client = http_backend(handler)
+        async with client:
+            req = InferRequest(image_b64="data:image/png;base64,AAAA", prompt="p", adapter="login")
+            return await backend.schedule(req, CallContext("rid-1", 2.5, 1.0))
+
+    return asyncio.run(go())
+
+
+def test_http_backend_sends_token_deadline_request_id_and_image_as_received() -> None:
+    seen: dict[str, Any] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(headers=request.headers, body=json.loads(request.content))
+        body = {"output": "o", "adapter": "login", "mode": "dynamic", "worker_id": "w", "tokens_generated": 1}
+        return httpx.Response(200, json={**body, "timings_ms": {"total": 1.0}})
+
+    assert call(handler).output == "o"
+    assert seen["headers"]["authorization"] == "Bearer tok"
+    assert seen["headers"]["x-request-id"] == "rid-1"
+    assert seen["headers"][DEADLINE_HEADER.lower()] == "2500"
+    assert seen["body"]["image_b64"] == "data:image/png;base64,AAAA"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (503, AttemptFailed),
+        (502, AttemptFailed),
+        (429, AttemptFailed),
+        (404, WorkerRejected),
+        (500, WorkerRejected),
+    ],
+)
+def test_http_backend_classifies_worker_statuses(status: int, expected: type[Exception]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            status, json={"error": {"code": "x", "message": "m"}}, headers={"Retry-After": "2"}
+        )
+
+    with pytest.raises(expected):
+        call(handler)
+
+
+def test_http_backend_connect_error_is_a_safe_failure() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(AttemptFailed, match="connect_error"):
+        call(handler)
+
+
+# ---- router decision policy ---------------------------------------------------------------------
+
+
+def scores(p0: float) -> RouteScores:
+    return RouteScores(labels=("0", "1"), probabilities=(p0, 1.0 - p0))
+
+
+def with_router(mapping: MoleMapping, **router: Any) -> MoleMapping:
+    return mapping.model_copy(update={"router": mapping.router.model_copy(update=router)})
+
+
+def test_router_decision_takes_the_top_label(tmp_path: Path) -> None:
+    d = decide(make_mapping(tmp_path), scores(0.8), None)
+    assert (d.adapter, d.label, d.routed_by, d.confidence) == ("calendar", "0", "router", 0.8)
+    assert [c.adapter for c in d.top_k] == ["calendar", "login"]
+
+
+def test_below_threshold_uses_fallback_or_is_422(tmp_path: Path) -> None:
+    mapping = with_router(make_mapping(tmp_path), thresholds={"0": 0.9})
+    with pytest.raises(NoConfidentRoute) as err:
+        decide(mapping, scores(0.8), None)
+    assert err.value.details["threshold"] == 0.9
+    d = decide(with_router(mapping, fallback_adapter="login"), scores(0.8), None)
+    assert (d.adapter, d.routed_by, d.router_choice) == ("login", "fallback", "calendar")
+
+
+def test_explicit_expert_wins_and_shadow_records_the_router_choice(tmp_path: Path) -> None:
+    mapping = with_router(make_mapping(tmp_path), shadow=True)
+    d = decide(mapping, scores(0.9), "login")
+    assert (d.adapter, d.routed_by, d.confidence, d.router_choice) == ("login", "explicit", None, "calendar")
+    assert decide(mapping, None, "login").top_k == []
+
+
+# ---- OpenAI translation -------------------------------------------------------------------------
+
+
+HTTP_IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/y.png"}}
+
+
+def chat(**kw: Any) -> ChatCompletionRequest:
+    content = [
+        {"type": "text", "text": "read it"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    base: dict[str, Any] = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+    return ChatCompletionRequest.model_validate({**base, **kw})
+
+
+def test_chat_request_translates_to_classify() -> None:
+    req, sampling = to_classify(chat(max_tokens=7, temperature=0.5, user="someone"))
+    assert (req.prompt, req.expert, req.max_new_tokens) == ("read it", None, 7)
+    assert req.image_b64.startswith("data:image/png") and sampling.temperature == 0.5
+    assert to_classify(chat(model="login"))[0].expert == "login"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"stream": True}, "stream"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "no image"}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "t"}, HTTP_IMAGE]}]},
+            "messages[0].content[1].image_url.url",
+        ),
+    ],
+)
+def test_chat_request_rejections_name_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        to_classify(chat(**change))
+    assert field in err.value.message
