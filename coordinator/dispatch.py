@@ -5,12 +5,17 @@ HTTP backend talks to a worker process through the app's one shared ``httpx.Asyn
 in-process backend (monolithic mode) plugs in through the same interface via ``backend_factory``.
 
 Failure policy (``routing`` in the mapping):
-- safe failures (connect error, read error before a response, 502/503/504, 429, an unreadable
-  answer) are retried once (``retries``) on a *different* replica; then a dynamic worker holding the
-  adapter serves when ``fallback_to_dynamic`` (the answer is marked ``degraded``);
-- a worker's 4xx (and 500) is the client's answer: passed through with the worker's status and body;
+- each replica takes at most ``max_concurrency`` requests at once (the mapping's worker field); a
+  request whose replicas are all busy waits for a slot (bounded: ``max_waiting`` waiters, then 429),
+  so a burst queues here instead of overrunning the workers' queues;
+- safe failures (connect error, read error before a response, 500/502/503/504, 429, an unreadable
+  answer) are retried once (``retries``) on a *different* replica, within a retry budget of 20% of
+  recent requests (plus a small floor) so a failing fleet gets no retry storm; then a dynamic worker
+  holding the adapter serves when ``fallback_to_dynamic`` (the answer is marked ``degraded``);
+- a worker's 4xx is the client's answer: passed through with the worker's status and body;
 - a worker that does not answer within ``request_timeout_s`` (or the request's remaining budget) is
-  a 504; nothing usable left is a 503 naming the adapter and the workers tried;
+  a 504; when every attempt got a broken answer (500, unreadable) it is a 502; when nothing usable
+  is left it is a 503 naming the adapter and the workers tried;
 - ``eject_after_failures`` consecutive failures eject a worker for ``eject_base_s * times_ejected``
   seconds, never when it is the last non-ejected replica of one of its adapters.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -28,7 +34,7 @@ import httpx
 from pydantic import ValidationError
 
 from coordinator.metrics import CoordinatorMetrics
-from shared.errors import REQUEST_ID_HEADER, NoWorkerAvailable, Overloaded, WorkerTimeout
+from shared.errors import REQUEST_ID_HEADER, NoWorkerAvailable, Overloaded, WorkerError, WorkerTimeout
 from shared.mapping import MoleMapping, WorkerSpec
 from shared.schemas import AdapterInfo, InferRequest, InferResponse, Mode, WorkerReady
 
@@ -38,6 +44,41 @@ DEADLINE_HEADER = "X-Mole-Deadline-Ms"  # remaining budget of the request, in mi
 PROBE_TIMEOUT_S = 5.0  # a health probe slower than this counts as down
 WorkerState = Literal["unknown", "up", "loading", "draining", "down"]
 _CONNECT_FAILURES = frozenset({"connect_error", "connect_timeout"})  # the worker is not listening
+_BROKEN_ANSWERS = frozenset({"http_500", "bad_response"})  # the worker answered, but not usefully
+
+
+class RetryBudget:
+    """Retries allowed: ``ratio`` of the requests seen in the last ``window_s``, plus ``floor``.
+
+    Linkerd's default budget (20% over 10 s, with a floor) keeps a failing fleet from being hit
+    by a retry storm while one failed replica's in-flight requests are still retried.
+    """
+
+    def __init__(self, ratio: float = 0.2, floor: int = 10, window_s: float = 10.0):
+        self.ratio = ratio
+        self.floor = floor
+        self.window_s = window_s
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _trim(self, now: float) -> None:
+        for q in (self._requests, self._retries):
+            while q and q[0] < now - self.window_s:
+                q.popleft()
+
+    def record_request(self) -> None:
+        now = time.monotonic()
+        self._trim(now)
+        self._requests.append(now)
+
+    def try_retry(self) -> bool:
+        """Spend one retry if the budget allows it."""
+        now = time.monotonic()
+        self._trim(now)
+        if len(self._retries) >= self.floor + self.ratio * len(self._requests):
+            return False
+        self._retries.append(now)
+        return True
 
 
 # ---- backend interface --------------------------------------------------------------------------
@@ -172,7 +213,7 @@ class HttpBackend:
                 raise AttemptFailed("bad_response") from None
         if status == 429:
             raise AttemptFailed("overloaded", retry_after=_retry_after(resp))
-        if status in (502, 503, 504):
+        if status in (500, 502, 503, 504):
             raise AttemptFailed(f"http_{status}", retry_after=_retry_after(resp))
         if status in (401, 403):  # our worker token is wrong for this worker: not the client's fault
             raise AttemptFailed("worker_auth")
@@ -230,6 +271,11 @@ class Replica:
         """Ready (or not probed yet) and not ejected."""
         return self.state in ("up", "unknown") and not self.ejected(now)
 
+    @property
+    def has_slot(self) -> bool:
+        """Below the worker's ``max_concurrency``."""
+        return self.in_flight < self.spec.max_concurrency
+
     def missing(self) -> list[str]:
         """Adapters the mapping assigns here that the worker does not report holding."""
         if self.reported is None:
@@ -256,11 +302,23 @@ class Dispatched:
 class Dispatcher:
     """Owns the replicas of the current mapping: chooses, calls, retries, falls back, ejects, probes."""
 
-    def __init__(self, mapping: MoleMapping, backend_factory: BackendFactory, metrics: CoordinatorMetrics):
+    def __init__(
+        self,
+        mapping: MoleMapping,
+        backend_factory: BackendFactory,
+        metrics: CoordinatorMetrics,
+        *,
+        max_waiting: int = 256,
+        retry_budget: RetryBudget | None = None,
+    ):
         self._factory = backend_factory
         self._metrics = metrics
         self._mapping = mapping
         self._replicas: dict[str, Replica] = {}
+        self.max_waiting = max_waiting  # requests waiting for a replica slot before answering 429
+        self.waiting = 0
+        self._slot_freed = asyncio.Event()
+        self.budget = retry_budget or RetryBudget()
         self.update(mapping)
 
     # ---- mapping -------------------------------------------------------------------------------
@@ -304,6 +362,51 @@ class Dispatcher:
         usable = [r for r in tier if r.usable(now) and r.spec.id not in exclude]
         return sorted(usable, key=lambda r: (r.state != "up", r.in_flight))
 
+    def _notify_slot(self) -> None:
+        self._slot_freed.set()
+        self._slot_freed = asyncio.Event()
+
+    async def _acquire(
+        self, tier: Sequence[Replica], exclude: set[str], deadline: float, adapter: str
+    ) -> Replica | None:
+        """Take a slot on the best usable replica of ``tier``; wait while all of them are busy.
+
+        None when no replica of the tier is usable. Raises ``Overloaded`` when too many requests
+        already wait, ``WorkerTimeout`` when the deadline passes while waiting.
+        """
+        waited = False
+        try:
+            while True:
+                candidates = self._order(tier, exclude, time.monotonic())
+                if not candidates:
+                    return None
+                free = [r for r in candidates if r.has_slot]
+                if free:
+                    free[0].in_flight += 1
+                    return free[0]
+                if not waited:
+                    if self.waiting >= self.max_waiting:
+                        raise Overloaded(
+                            f"{self.waiting} requests already wait for a worker of adapter {adapter}",
+                            retry_after=1.0,
+                            adapter=adapter,
+                        )
+                    self.waiting += 1
+                    waited = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerTimeout(
+                        f"every replica of adapter {adapter} stayed busy until the deadline", adapter=adapter
+                    )
+                event = self._slot_freed
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+                except TimeoutError:
+                    pass  # re-check: probes may have changed states
+        finally:
+            if waited:
+                self.waiting -= 1
+
     # ---- dispatch ------------------------------------------------------------------------------
     async def dispatch(
         self, request: InferRequest, *, prefer_merged: bool, request_id: str, deadline: float
@@ -319,17 +422,24 @@ class Dispatcher:
         path: list[str] = []
         overloaded: float | None = None
         t0 = time.perf_counter()
+        self.budget.record_request()
         for tier, degraded in ((primary, False), (fallback, True)):
             for _ in range(routing.retries + 1):
-                now = time.monotonic()
-                candidates = self._order(tier, {t["worker"] for t in tried}, now)
-                if not candidates:
+                replica = await self._acquire(tier, {t["worker"] for t in tried}, deadline, adapter)
+                if replica is None:
                     break
-                replica = candidates[0]
                 if tried:
+                    if not self.budget.try_retry():
+                        replica.in_flight -= 1
+                        self._notify_slot()
+                        tried.append({"worker": replica.spec.id, "reason": "retry_budget_exhausted"})
+                        raise self._unserved(adapter, tried, overloaded)
                     self._metrics.retries.labels(adapter).inc()
+                now = time.monotonic()
                 remaining = deadline - now
                 if remaining <= 0:
+                    replica.in_flight -= 1
+                    self._notify_slot()
                     raise WorkerTimeout(
                         f"request budget spent before adapter {adapter} could be served",
                         adapter=adapter,
@@ -373,6 +483,11 @@ class Dispatcher:
             for r in self._replicas.values()
             if adapter in r.spec.adapters
         ]
+        if tried and all(t["reason"] in _BROKEN_ANSWERS for t in tried):
+            attempts = ", ".join(f"{t['worker']} ({t['reason']})" for t in tried)
+            return WorkerError(
+                f"every worker tried for adapter {adapter} failed: {attempts}", adapter=adapter, tried=tried
+            )
         if tried:
             attempts = ", ".join(f"{t['worker']} ({t['reason']})" for t in tried)
             message = f"no worker could serve adapter {adapter}: tried {attempts}"
@@ -384,7 +499,7 @@ class Dispatcher:
     async def _call(
         self, replica: Replica, request: InferRequest, ctx: CallContext
     ) -> tuple[InferResponse, float]:
-        replica.in_flight += 1
+        """Call ``replica`` (whose slot ``_acquire`` took) and release the slot afterwards."""
         t0 = time.perf_counter()
         outcome = "error"
         try:
@@ -404,6 +519,7 @@ class Dispatcher:
             raise
         finally:
             replica.in_flight -= 1
+            self._notify_slot()
             self._metrics.dispatch_seconds.labels(replica.spec.id, outcome).observe(time.perf_counter() - t0)
         replica.consecutive_failures = 0
         return response, _ms_since(t0)

@@ -112,6 +112,95 @@ def run(
 # ---- dispatch -----------------------------------------------------------------------------------
 
 
+def test_broken_answers_everywhere_are_a_502(tmp_path: Path) -> None:
+    from shared.errors import WorkerError
+
+    broken = [AttemptFailed("http_500"), AttemptFailed("bad_response")]
+    d, _ = make_dispatcher(
+        make_mapping(tmp_path),
+        {"merged-a": [broken[0]], "merged-b": [broken[1]], "dynamic-0": [AttemptFailed("http_500")] * 2},
+    )
+    with pytest.raises(WorkerError) as err:
+        run(d)
+    assert err.value.status == 502 and "calendar" in err.value.message
+
+
+def test_retry_budget_stops_a_retry_storm(tmp_path: Path) -> None:
+    from coordinator.dispatch import RetryBudget
+
+    failing = {w: [AttemptFailed("http_503")] * 100 for w in ("merged-a", "merged-b", "dynamic-0")}
+    d, backends = make_dispatcher(make_mapping(tmp_path), failing)
+    d.budget = RetryBudget(ratio=0.2, floor=2)
+    reasons = []
+    for _ in range(10):
+        with pytest.raises(NoWorkerAvailable) as err:
+            run(d)
+        reasons += [t["reason"] for t in err.value.details["tried"]]
+    calls = sum(b.calls for b in backends.values())
+    # 10 first attempts, and retries only within 2 + 20% of 10 requests
+    assert calls <= 10 + 2 + 2
+    assert "retry_budget_exhausted" in reasons
+
+
+def test_busy_replicas_make_requests_wait_for_a_slot_not_fail(tmp_path: Path) -> None:
+    mapping = make_mapping(tmp_path)
+    for w in mapping.workers:
+        w.max_concurrency = 1
+    d, backends = make_dispatcher(mapping, {})
+    gate = asyncio.Event()
+    original = ScriptedBackend.schedule
+
+    async def slow(self: ScriptedBackend, request: InferRequest, ctx: CallContext) -> InferResponse:
+        await gate.wait()
+        return await original(self, request, ctx)
+
+    for b in backends.values():
+        b.schedule = slow.__get__(b)  # type: ignore[method-assign]
+
+    async def scenario() -> list[Any]:
+        req = InferRequest(image_b64="x", prompt="p", adapter="calendar")
+        tasks = [
+            asyncio.create_task(
+                d.dispatch(req, prefer_merged=True, request_id=str(i), deadline=time.monotonic() + 10)
+            )
+            for i in range(6)
+        ]
+        await asyncio.sleep(0.05)
+        assert d.waiting == 4 and sum(r.in_flight for r in d.replicas()) == 2
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    served = asyncio.run(scenario())
+    assert all(not s.degraded for s in served)  # busy is not broken: no fallback to dynamic
+    assert {s.worker_id for s in served} == {"merged-a", "merged-b"}
+    assert d.waiting == 0
+
+
+def test_too_many_waiting_requests_get_429(tmp_path: Path) -> None:
+    mapping = make_mapping(tmp_path)
+    for w in mapping.workers:
+        w.max_concurrency = 1
+    d, _ = make_dispatcher(mapping, {})
+    d.max_waiting = 1
+    for r in d.replicas():
+        r.in_flight = 1  # every slot taken
+
+    with pytest.raises(Overloaded):
+
+        async def two_waiters() -> None:
+            req = InferRequest(image_b64="x", prompt="p", adapter="calendar")
+            first = asyncio.create_task(
+                d.dispatch(req, prefer_merged=True, request_id="a", deadline=time.monotonic() + 0.5)
+            )
+            await asyncio.sleep(0.05)
+            try:
+                await d.dispatch(req, prefer_merged=True, request_id="b", deadline=time.monotonic() + 0.5)
+            finally:
+                first.cancel()
+
+        asyncio.run(two_waiters())
+
+
 def test_safe_failure_is_retried_once_on_a_different_merged_replica(tmp_path: Path) -> None:
     d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [AttemptFailed("http_503")]})
     served = run(d)
@@ -261,7 +350,7 @@ def test_http_backend_sends_token_deadline_request_id_and_image_as_received() ->
         (502, AttemptFailed),
         (429, AttemptFailed),
         (404, WorkerRejected),
-        (500, WorkerRejected),
+        (500, AttemptFailed),  # a broken worker: retried elsewhere, 502 when all are broken
     ],
 )
 def test_http_backend_classifies_worker_statuses(status: int, expected: type[Exception]) -> None:
