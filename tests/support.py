@@ -123,3 +123,63 @@ def coordinator_process(mapping: Path, log_dir: Path, env: dict[str, str] | None
     return Service(
         ["coordinator", "--config", str(mapping)], doc["coordinator"]["url"], log_dir / "coordinator.log", env
     )
+
+
+class ThreadServer:
+    """A uvicorn server on a background thread (in-process coordinator, fake workers)."""
+
+    def __init__(self, app: Any, port: int):
+        import threading
+
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=1
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait_started(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"server {self.url} exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server {self.url} did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def misbehaving_worker(worker_id: str, adapter: str, behaviour: str = "hang", mode: str = "dynamic") -> Any:
+    """A worker that reports ready for ``adapter`` and then misbehaves on ``/infer`` (fault injection
+    only): ``hang`` (never answers), ``500`` (an error answer), ``garbage`` (200 with malformed JSON)."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    from shared.schemas import AdapterInfo, WorkerReady
+
+    app = FastAPI()
+
+    @app.get("/health/ready")
+    async def ready() -> dict[str, Any]:
+        info = AdapterInfo(name=adapter, sha256="0" * 64)
+        return WorkerReady(status="ready", worker_id=worker_id, mode=mode, adapters=[info]).model_dump()
+
+    @app.post("/infer")
+    async def infer() -> Response:
+        if behaviour == "hang":
+            await asyncio.sleep(3600)
+        if behaviour == "500":
+            return JSONResponse(
+                {"error": {"code": "generation_failed", "message": "CUDA error"}}, status_code=500
+            )
+        return Response(b'{"output": "half a resp', media_type="application/json")
+
+    return app

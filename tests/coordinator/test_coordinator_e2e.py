@@ -7,10 +7,8 @@ process. Each coordinator has its own copy of the mapping so reload tests do not
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,16 +18,21 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from pydantic import SecretStr
-from support import Service, coordinator_process, demo_mapping_copy, free_port, worker_process
+from support import (
+    Service,
+    ThreadServer,
+    coordinator_process,
+    demo_mapping_copy,
+    free_port,
+    misbehaving_worker,
+    worker_process,
+)
 
 from coordinator.app import create_app
 from shared import synthetic
 from shared.images import encode_image_b64, image_to_data_url
 from shared.modeling import weights_hash
-from shared.schemas import AdapterInfo, WorkerReady
 from shared.settings import Settings
 
 API_KEY = "test-key"
@@ -48,49 +51,6 @@ ROUTING = {
 }
 DEMO_WORKERS = ("merged-calendar", "merged-claim", "dynamic-0")
 WORKER_ENV = {"MOLE_WORKER_TOKEN": WORKER_TOKEN, "MOLE_MAX_NEW_TOKENS_CAP": "64"}
-
-
-class ThreadServer:
-    """A uvicorn server on a background thread (in-process coordinator, fake workers)."""
-
-    def __init__(self, app: FastAPI, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=1
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def wait_started(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError(f"server {self.url} exited during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server {self.url} did not start")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def hanging_worker(worker_id: str, adapter: str) -> FastAPI:
-    """A worker that reports ready and never answers ``/infer`` (fault injection)."""
-    app = FastAPI()
-
-    @app.get("/health/ready")
-    async def ready() -> dict[str, Any]:
-        info = AdapterInfo(name=adapter, sha256="0" * 64)
-        return WorkerReady(status="ready", worker_id=worker_id, mode="dynamic", adapters=[info]).model_dump()
-
-    @app.post("/infer")
-    async def infer() -> dict[str, Any]:
-        await asyncio.sleep(3600)
-        return {}
-
-    return app
 
 
 @dataclass
@@ -142,7 +102,7 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     proc = coordinator_process(
         proc_mapping, root, env={"MOLE_API_KEYS": API_KEY, "MOLE_WORKER_TOKEN": WORKER_TOKEN}
     )
-    hang = ThreadServer(hanging_worker("hang-0", "slow"), hang_port)
+    hang = ThreadServer(misbehaving_worker("hang-0", "slow", "hang"), hang_port)
     settings = Settings(
         api_keys=[API_KEY], worker_token=SecretStr(WORKER_TOKEN), torch_threads=1, request_timeout_s=30
     )
