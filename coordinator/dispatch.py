@@ -260,6 +260,7 @@ class Replica:
     probe_latency_ms: float | None = None
     last_error: str | None = None
     in_flight: int = 0
+    last_pick: float = 0.0  # time.monotonic() of the last request sent here (tie-break)
     consecutive_failures: int = 0
     times_ejected: int = 0
     ejected_until: float = 0.0  # time.monotonic() until which the replica is not used
@@ -360,7 +361,12 @@ class Dispatcher:
     def _order(tier: Sequence[Replica], exclude: set[str], now: float) -> list[Replica]:
         """Usable replicas not yet tried: probed-ready before unprobed, then least in-flight."""
         usable = [r for r in tier if r.usable(now) and r.spec.id not in exclude]
-        return sorted(usable, key=lambda r: (r.state != "up", r.in_flight))
+        preferred = tier[0].spec.mode if tier else None  # plan() puts the preferred mode first
+        # the preferred mode, then least in-flight; among equals the one picked longest ago, so
+        # idle replicas share the load
+        return sorted(
+            usable, key=lambda r: (r.state != "up", r.spec.mode != preferred, r.in_flight, r.last_pick)
+        )
 
     def _notify_slot(self) -> None:
         self._slot_freed.set()
@@ -383,6 +389,7 @@ class Dispatcher:
                 free = [r for r in candidates if r.has_slot]
                 if free:
                     free[0].in_flight += 1
+                    free[0].last_pick = time.monotonic()
                     return free[0]
                 if not waited:
                     if self.waiting >= self.max_waiting:
@@ -576,7 +583,7 @@ class Dispatcher:
         if probe.state != replica.state:
             log = logger.info if probe.state == "up" else logger.warning
             log("worker state %s -> %s", replica.state, probe.state, extra={"worker_id": wid})
-            if replica.state == "down" and probe.state == "up":  # back from the dead: a fresh start
+            if probe.state == "up":  # back from down/loading (e.g. restarted): a fresh start
                 replica.ejected_until = 0.0
                 replica.consecutive_failures = 0
         replica.state = probe.state
