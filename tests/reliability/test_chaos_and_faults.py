@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from attacks import RSS_BOUND_MB, abuse_cases, fuzz_figures, fuzz_openapi, run_abuse
 from conftest import LONG
 from support import (
     Service,
@@ -288,6 +289,25 @@ def test_auth_is_enforced_and_secrets_stay_out_of_logs(stack: Stack, figures: di
         "worker without token": "401",
         "API key or worker token in any service log": "no",
     }
+
+
+def test_coordinator_abuse_and_fuzzing_never_5xx(stack: Stack, figures: dict) -> None:
+    sample = synthetic.make_samples(1, seed=13, kinds=("calendar",))[0]
+    assert stack.coordinator.proc.pid is not None
+    results, growth_mb = run_abuse(
+        f"{stack.url}/classify", abuse_cases(_body(sample), worker=False), stack.coordinator.proc.pid, AUTH
+    )
+    assert growth_mb < RSS_BOUND_MB
+    figures["abuse (coordinator /classify)"] = {
+        **results,
+        "inputs tried": len(results),
+        "RSS growth, MB (bound)": f"{growth_mb:.1f} ({RSS_BOUND_MB})",
+    }
+    tried, statuses = fuzz_openapi(stack.url, 100 if LONG else 15, headers=AUTH)
+    assert (
+        httpx.post(f"{stack.url}/classify", json=_body(sample), headers=AUTH, timeout=30).status_code == 200
+    )
+    figures["fuzzing (coordinator OpenAPI, schemathesis)"] = fuzz_figures(tried, statuses)
 
 
 def test_coordinator_overload_answers_429_and_recovers(stack: Stack, figures: dict) -> None:
