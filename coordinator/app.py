@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.dispatch import Backend, WorkerRejected
+from coordinator.router import RouterModelProvider
 from coordinator.routes import admin, ops, public
 from coordinator.service import CoordinatorService
 from shared.errors import install_error_handlers, retry_after_header
@@ -53,17 +54,20 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     backends: Mapping[str, Backend] | None = None,
+    router_model: RouterModelProvider | None = None,
 ) -> FastAPI:
     """The coordinator app for the mapping at ``mapping_path``.
 
     ``transport`` replaces the HTTP transport of the worker client (fault-injection tests);
-    ``backends`` serves the named worker ids in-process instead of over HTTP (monolithic mode).
+    ``backends`` serves the named worker ids in-process instead of over HTTP and ``router_model``
+    lends the router a model shared with them instead of loading one (monolithic mode,
+    :mod:`mole.monolithic`).
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await CoordinatorService.start(
-            settings, Path(mapping_path), transport=transport, backends=backends
+            settings, Path(mapping_path), transport=transport, backends=backends, router_model=router_model
         )
         app.state.service = service
         sighup = _install_sighup(service)

@@ -4,12 +4,17 @@
 runs one forward for every concurrent request (``next_token_logits``, ``logits_to_keep=1``) and takes
 a softmax over the label tokens' logits. :func:`decide` turns those scores, the mapping's thresholds,
 fallback adapter and shadow flag, and an optional explicit expert into a :class:`RouteDecision`.
+
+By default the router loads its own base model. In monolithic mode a :data:`RouterModelProvider`
+lends it a :class:`SharedModel` instead: the one PEFT model that also holds the experts, with the
+router LoRA under its own adapter name and the lock every user of that model holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +42,28 @@ class RouterConfig:
     labels: tuple[str, ...]  # label tokens, in the mapping's label order
     label_ids: tuple[int, ...]  # their token ids, aligned with ``labels``
     text: str  # chat-templated router prompt
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """A loaded PEFT model the router borrows instead of loading its own (monolithic mode).
+
+    ``model`` holds the router LoRA as ``adapter_name`` next to other adapters; the router runs every
+    forward with ``adapter_names=[adapter_name] * n`` while holding ``lock``, which every other user
+    of ``model`` holds too: PEFT installs per-call hooks for per-row adapters, so two forwards on
+    one model must never overlap. ``release`` is called once by :meth:`Router.stop`, after the
+    router's last forward (e.g. to unload the adapter when a reload replaced the router).
+    """
+
+    model: Any  # peft.PeftModel
+    adapter_name: str
+    lock: contextlib.AbstractContextManager[Any]  # a threading.Lock shared with the model's other users
+    release: Callable[[], None] = lambda: None
+
+
+# (base model folder, router adapter folder) -> the shared model holding that adapter. Blocking:
+# called from Router.load() off the event loop; raises when it cannot lend a model for that pair.
+RouterModelProvider = Callable[[str, str], SharedModel]
 
 
 @dataclass(frozen=True)
@@ -73,16 +100,28 @@ class RouteDecision:
 class Router:
     """Model holder for the router LoRA. ``load()`` is blocking; call it off the event loop."""
 
-    def __init__(self, base_model: str, adapter: str, settings: Settings, metrics: CoordinatorMetrics):
+    def __init__(
+        self,
+        base_model: str,
+        adapter: str,
+        settings: Settings,
+        metrics: CoordinatorMetrics,
+        *,
+        model_provider: RouterModelProvider | None = None,
+    ):
         self.base_model = base_model
         self.adapter = adapter
         self._settings = settings
         self._metrics = metrics
+        self._provider = model_provider  # None: load() loads a model of our own
         self.version = ""  # sha256 of the router adapter's weights, set by load()
         self.device = "cpu"
         self._model: Any = None
         self._processor: Any = None  # used only on the batcher thread
         self._tokenizer: Any = None  # a separate instance for the event loop's side (labels, usage)
+        self._adapter_name: str | None = None  # the router's adapter name in a shared model
+        self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        self._release: Callable[[], None] | None = None
         self._batcher: MicroBatcher[_RouteItem, tuple[float, ...]] = MicroBatcher(
             self._run_batch,
             BatchSettings(settings.max_batch_size, settings.max_wait_ms, settings.max_queue),
@@ -93,7 +132,8 @@ class Router:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
-        """Load base + router LoRA, hash the adapter and start the batcher thread."""
+        """Load base + router LoRA (or borrow them from the model provider), hash the adapter and
+        start the batcher thread."""
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
@@ -104,18 +144,39 @@ class Router:
             torch.set_num_threads(self._settings.torch_threads)
         device, dtype = resolve_device_dtype(self._settings)
         self.device = device
+        # Our own processor even with a shared model: processors are cheap, weights are not, and
+        # the model's other users tokenize on their own threads.
         self._processor = load_processor(self.base_model)
         # Fast tokenizers must not be used from two threads while one re-configures padding.
         self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        base = load_model(self.base_model, device=device, dtype=dtype)
-        self._model = PeftModel.from_pretrained(base, self.adapter)
-        self._model.eval()
+        if self._provider is not None:
+            shared = self._provider(self.base_model, self.adapter)
+            self._model = shared.model
+            self._adapter_name = shared.adapter_name
+            self._lock = shared.lock
+            self._release = shared.release
+        else:
+            base = load_model(self.base_model, device=device, dtype=dtype)
+            self._model = PeftModel.from_pretrained(base, self.adapter)
+            self._model.eval()
         self.version = weights_hash(self.adapter)
         self._batcher.start()
-        logger.info("router loaded", extra={"router_version": self.version[:16], "device": device})
+        logger.info(
+            "router loaded",
+            extra={
+                "router_version": self.version[:16],
+                "device": device,
+                "shared_model": self._adapter_name is not None,
+                "model_id": f"{id(self._model):#x}",
+            },
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Finish queued routes (bounded by ``timeout``), stop the thread, release a shared model."""
         self._batcher.stop(timeout)
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     @property
     def loaded(self) -> bool:
@@ -152,9 +213,15 @@ class Router:
         from shared.modeling import next_token_logits
 
         config = items[0].config  # the batcher groups by config, so every item shares it
-        logits = next_token_logits(
-            self._model, self._processor, [i.image for i in items], [config.text] * len(items)
-        )
+        names = [self._adapter_name] * len(items) if self._adapter_name is not None else None
+        with self._lock:
+            logits = next_token_logits(
+                self._model,
+                self._processor,
+                [i.image for i in items],
+                [config.text] * len(items),
+                adapter_names=names,
+            )
         probs = torch.softmax(logits[:, list(config.label_ids)], dim=-1)
         return [tuple(float(p) for p in row) for row in probs.tolist()]
 

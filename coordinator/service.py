@@ -27,7 +27,7 @@ from coordinator.openai_compat import (
     completion,
     to_classify,
 )
-from coordinator.router import RouteDecision, Router, RouterConfig, decide
+from coordinator.router import RouteDecision, Router, RouterConfig, RouterModelProvider, decide
 from shared.errors import ConfigError, InvalidInput, MoleError, PayloadTooLarge
 from shared.images import decode_image
 from shared.mapping import MoleMapping, WorkerSpec, load_mapping
@@ -126,12 +126,14 @@ class CoordinatorService:
         dispatcher: Dispatcher,
         metrics: CoordinatorMetrics,
         client: httpx.AsyncClient | None = None,
+        router_model: RouterModelProvider | None = None,
     ):
         self.settings = settings
         self.mapping_path = mapping_path
         self._active = active
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self._router_model = router_model  # lends routers a shared model (monolithic mode)
         self.stats = Stats()
         self._client = client
         self._reload_lock = asyncio.Lock()
@@ -147,14 +149,19 @@ class CoordinatorService:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         backends: Mapping[str, Backend] | None = None,
+        router_model: RouterModelProvider | None = None,
     ) -> CoordinatorService:
         """Load the mapping (paths checked) and the router, open the worker client, start the prober.
 
-        ``backends`` maps worker ids to in-process backends used instead of HTTP (monolithic mode).
+        ``backends`` maps worker ids to in-process backends used instead of HTTP, and
+        ``router_model`` lends every router (this one and those of later reloads) a shared model
+        instead of loading one (monolithic mode).
         """
         mapping = await asyncio.to_thread(load_mapping, mapping_path, check_paths=True)
         metrics = CoordinatorMetrics()
-        router = Router(mapping.base_model, mapping.router.adapter, settings, metrics)
+        router = Router(
+            mapping.base_model, mapping.router.adapter, settings, metrics, model_provider=router_model
+        )
         await asyncio.to_thread(router.load)
         config = router.config_for(mapping.router)
         client = httpx.AsyncClient(
@@ -171,8 +178,10 @@ class CoordinatorService:
         def backend_for(spec: WorkerSpec) -> Backend:
             return local.get(spec.id) or HttpBackend(spec, client, token=token)
 
-        dispatcher = Dispatcher(mapping, backend_for, metrics)
-        self = cls(settings, mapping_path, Active(mapping, router, config), dispatcher, metrics, client)
+        dispatcher = Dispatcher(mapping, backend_for, metrics, max_waiting=settings.max_waiting)
+        self = cls(
+            settings, mapping_path, Active(mapping, router, config), dispatcher, metrics, client, router_model
+        )
         self._prober = asyncio.create_task(
             dispatcher.run_prober(lambda: self.mapping.routing.probe_interval_s), name="worker-prober"
         )
@@ -390,14 +399,21 @@ class CoordinatorService:
         tokens, a changed router loadable). Otherwise ``MappingRejected`` and the old one stays."""
         async with self._reload_lock:
             old = self._active
+            router = old.router
             try:
                 mapping = await asyncio.to_thread(load_mapping, self.mapping_path, check_paths=True)
-                router = old.router
                 if not router.serves(mapping):
-                    router = Router(mapping.base_model, mapping.router.adapter, self.settings, self.metrics)
+                    router = Router(
+                        mapping.base_model,
+                        mapping.router.adapter,
+                        self.settings,
+                        self.metrics,
+                        model_provider=self._router_model,
+                    )
                     await asyncio.to_thread(router.load)
                 config = router.config_for(mapping.router)
             except ConfigError as exc:
+                await self._discard(router, old.router)
                 self._rejected(reason, exc.message)
                 problems = exc.details.get("problems", [exc.message])
                 raise MappingRejected(
@@ -406,6 +422,7 @@ class CoordinatorService:
                     path=str(self.mapping_path),
                 ) from None
             except Exception as exc:  # the router model or its labels could not be loaded
+                await self._discard(router, old.router)
                 detail = f"{type(exc).__name__}: {exc}"
                 self._rejected(reason, detail)
                 raise MappingRejected(
@@ -426,6 +443,11 @@ class CoordinatorService:
                 "workers": [w.id for w in mapping.workers],
                 "router_version": router.version,
             }
+
+    async def _discard(self, router: Router, keep: Router) -> None:
+        """Stop a router built for a rejected mapping (it may hold a shared model's adapter)."""
+        if router is not keep:
+            await asyncio.to_thread(router.stop, 0.0)
 
     def _rejected(self, reason: str, detail: str) -> None:
         self.metrics.reloads.labels("rejected").inc()

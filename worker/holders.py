@@ -75,6 +75,11 @@ class ModelHolder(ABC):
     @abstractmethod
     def _generate(self, rows: Sequence[Row]) -> list[Generated]: ...
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held around every use of ``model``; whoever else runs the model must hold it too."""
+        return self._lock
+
     def adapters(self) -> dict[str, str]:
         """Adapter name → sha256 of the weights actually loaded."""
         return dict(self._hashes)
@@ -184,6 +189,25 @@ class DynamicHolder(ModelHolder):
                 raise InvalidInput(f"adapter {name!r} is the last one on this worker; load another first")
             self._delete(name)
         logger.info("unloaded adapter %s", name)
+
+    def add_hidden_adapter(self, name: str, path: Path) -> None:
+        """Load adapter ``name`` into the model without serving it: ``adapters()`` does not list it,
+        so no request can ask for it (the monolithic router LoRA). ``ValueError`` if ``name`` is
+        already in the model."""
+        with self._lock:
+            if name in self.model.peft_config:
+                raise ValueError(f"adapter {name!r} is already loaded")
+            self.model.load_adapter(str(path), adapter_name=name)
+            self.model.eval()
+        logger.info("loaded hidden adapter %s", name)
+
+    def remove_hidden_adapter(self, name: str) -> None:
+        """Unload an adapter loaded by :meth:`add_hidden_adapter` (after the running batch)."""
+        with self._lock:
+            if name in self._hashes or name not in self.model.peft_config:
+                raise ValueError(f"{name!r} is not a hidden adapter of this worker")
+            self.model.delete_adapter(name)
+        logger.info("unloaded hidden adapter %s", name)
 
     def _delete(self, name: str) -> None:
         if self.model.active_adapter == name:

@@ -60,6 +60,14 @@ class WorkerService:
         return thread
 
     def _load(self) -> None:
+        try:
+            self.load()
+        except Exception:
+            logger.exception("worker %s failed to load %s", self.spec.id, self.holder.model_path)
+
+    def load(self) -> None:
+        """Load and warm the model, start the batcher, turn ready (blocking; re-raises a failure,
+        after which the state is ``failed``)."""
         t0 = time.perf_counter()
         try:
             self.holder.load()
@@ -67,8 +75,7 @@ class WorkerService:
         except Exception as exc:
             self.state = "failed"
             self.load_error = f"{exc.__class__.__name__}: {exc}"
-            logger.exception("worker %s failed to load %s", self.spec.id, self.holder.model_path)
-            return
+            raise
         self.batcher.start()
         self.state = "ready"
         self.metrics.ready.set(1)
