@@ -24,7 +24,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy mole shared worker coordinator modal_deploy
+	$(BIN)/mypy mole shared worker coordinator modal_deploy benchmarks
 
 test: lint
 	MOLE_ASSETS_CACHE=$(CURDIR)/$(ASSETS) $(BIN)/pytest -q

@@ -42,6 +42,12 @@ def cmd_demo_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mole.demo import run
+
+    return run(args)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from shared.merge import ParityError, ParityLimits, merge_adapter, rollback
 
@@ -155,15 +161,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.app import create_app
-
     from shared.mapping import load_mapping
 
     settings = _settings()
     mapping = load_mapping(Path(args.config))
-    app = create_app(settings, Path(args.config))
+    if mapping.monolithic:  # router and the dynamic worker's experts on one model, in this process
+        from mole.monolithic import create_monolithic_app
+
+        app = create_monolithic_app(settings, Path(args.config))
+    else:
+        app = create_app(settings, Path(args.config))
     host = args.host or mapping.coordinator.host
     port = args.port or mapping.coordinator.port
     return _serve(app, host, port, settings.drain_timeout_s)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from mole.up import run
+
+    return run(args)
+
+
+def cmd_modal_deploy(args: argparse.Namespace) -> int:
+    from modal_deploy.deploy import run
+
+    return run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import run
+
+    return run(args)
 
 
 # ---- parser ---------------------------------------------------------------------------------
@@ -175,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
     p.set_defaults(func=cmd_demo_assets)
+
+    p = sub.add_parser("demo", help="build the demo assets, start the local stack, classify samples, stop")
+    p.add_argument("--assets", default=".cache/demo_assets", help="demo asset folder (built when missing)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="merge a LoRA into its base, gated by a parity check")
     p.add_argument("--base", help="base checkpoint folder")
@@ -215,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="default: the host of the coordinator's url")
     p.add_argument("--port", type=int, help="default: the port of the coordinator's url")
     p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("up", help="start the coordinator and every local worker; stop all on Ctrl-C")
+    p.add_argument("--config", required=True, help="expert_machine_mapping.json")
+    p.add_argument("--log-dir", help="folder for the services' logs and stack.json (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every /health/ready")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("modal-deploy", help="deploy every worker of a mapping (and the coordinator) to Modal")
+    p.add_argument("--config", required=True, help="expert_machine_mapping.json")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the URLs; deploy nothing")
+    p.add_argument("--workspace", help="Modal workspace name, to show the endpoint URLs in --dry-run")
+    p.add_argument("--skip-coordinator", action="store_true", help="deploy the workers only")
+    p.add_argument("--public-coordinator", action="store_true", help="no Modal proxy auth on the coordinator")
+    p.set_defaults(func=cmd_modal_deploy)
+
+    from benchmarks.run import add_parser as add_bench_parser  # stdlib-only at import
+
+    add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
 
 
