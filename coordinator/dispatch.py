@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "X-Mole-Deadline-Ms"  # remaining budget of the request, in milliseconds
 PROBE_TIMEOUT_S = 5.0  # a health probe slower than this counts as down
+REFRESH_AFTER_S = 0.25  # a request finding no usable replica re-probes those probed longer ago
 WorkerState = Literal["unknown", "up", "loading", "draining", "down"]
 _CONNECT_FAILURES = frozenset({"connect_error", "connect_timeout"})  # the worker is not listening
 _BROKEN_ANSWERS = frozenset({"http_500", "bad_response"})  # the worker answered, but not usefully
@@ -381,9 +382,15 @@ class Dispatcher:
         already wait, ``WorkerTimeout`` when the deadline passes while waiting.
         """
         waited = False
+        refreshed = False
         try:
             while True:
                 candidates = self._order(tier, exclude, time.monotonic())
+                if not candidates and not refreshed:
+                    # the prober's view may be stale (a worker that just finished loading, or came
+                    # back): probe this tier's holders now, at most once per request
+                    refreshed = await self._refresh([r for r in tier if r.spec.id not in exclude])
+                    candidates = self._order(tier, exclude, time.monotonic())
                 if not candidates:
                     return None
                 free = [r for r in candidates if r.has_slot]
@@ -413,6 +420,22 @@ class Dispatcher:
         finally:
             if waited:
                 self.waiting -= 1
+
+    async def _refresh(self, replicas: Sequence[Replica]) -> bool:
+        """Probe the not-usable ``replicas`` whose last probe is older than ``REFRESH_AFTER_S``."""
+        now = time.time()
+        stale = [
+            r
+            for r in replicas
+            if not r.usable(time.monotonic())
+            and not r.ejected(time.monotonic())
+            and (r.last_probe is None or now - r.last_probe > REFRESH_AFTER_S)
+        ]
+        if stale:
+            probes = await asyncio.gather(*(r.backend.health() for r in stale))
+            for replica, probe in zip(stale, probes, strict=True):
+                self._record_probe(replica, probe)
+        return True
 
     # ---- dispatch ------------------------------------------------------------------------------
     async def dispatch(

@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
     mapping = assets / "expert_machine_mapping.json"
     print(f"starting the local stack from {mapping}", file=sys.stderr)
     try:
-        with Stack(mapping, env={"MOLE_TORCH_THREADS": "1"}) as stack:
-            stack.start()
+        with Stack(mapping, env={"MOLE_TORCH_THREADS": "1"}) as stack:  # started on entry
             stack.wait_ready(progress=Progress())
             print(stack.table(), file=sys.stderr)
             url = stack.coordinator.probe_url

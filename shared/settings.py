@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1)  # requests per forward on a worker
     max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch waits to fill up
     max_queue: int = Field(default=64, ge=1)  # queued requests before answering 429
-    max_waiting: int = Field(default=256, ge=1)  # coordinator: requests waiting for a free worker slot before 429
+    max_waiting: int = Field(default=256, ge=1)  # coordinator: requests waiting for a worker slot
     # timeouts
     request_timeout_s: float = Field(default=60.0, gt=0)  # end-to-end budget of one request
     drain_timeout_s: float = Field(default=20.0, ge=0)  # graceful shutdown waits this long for in-flight

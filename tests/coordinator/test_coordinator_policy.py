@@ -443,3 +443,14 @@ def test_chat_request_rejections_name_the_field(change: dict[str, Any], field: s
     with pytest.raises(InvalidInput) as err:
         to_classify(chat(**change))
     assert field in err.value.message
+
+
+def test_a_stale_loading_state_is_re_probed_before_giving_up(tmp_path: Path) -> None:
+    """A worker last seen loading (the prober runs every few seconds) is probed again on demand."""
+    d, backends = make_dispatcher(make_mapping(tmp_path), {})
+    dyn = next(r for r in d.replicas() if r.spec.id == "dynamic-0")
+    dyn.state = "loading"
+    dyn.last_probe = time.time() - 1.0
+    served = run(d, adapter="login")  # only dynamic-0 holds login; its health now says up
+    assert served.worker_id == "dynamic-0" and dyn.state == "up"
+    assert backends["dynamic-0"].calls == 1

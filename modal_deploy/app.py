@@ -1,0 +1,66 @@
+"""The Modal app of one mole service: a worker of the mapping, or the coordinator.
+
+Deploy with ``mole modal-deploy --config MAPPING``: it builds one :class:`~modal_deploy.spec.AppSpec`
+per service and runs ``modal deploy -m modal_deploy.app`` with the spec in ``MOLE_MODAL_SPEC``. The
+spec is also baked into the image's environment, so the container re-imports this file and rebuilds
+the same app. Reads top to bottom: spec, image, volumes and secret, app, the class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import modal
+
+from modal_deploy.serving import Served, load
+from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, spec_from_env
+
+REPO = Path(__file__).resolve().parent.parent  # local checkout (deploy time only)
+PACKAGES = ("mole", "shared", "worker", "coordinator", "modal_deploy")  # the project's code
+PYTHON_VERSION = "3.11"  # as in pyproject's requires-python and the docker images
+
+SPEC = spec_from_env()  # which service this app is, with its GPU, volumes, secret and scaling
+
+# Dependencies come from pyproject.toml (torch from PyPI is a CUDA build); the code and the mapping
+# are added on top, so a code change does not rebuild the dependency layer. No weights in the image.
+image = (
+    modal.Image.debian_slim(python_version=PYTHON_VERSION)
+    .pip_install_from_pyproject(str(REPO / "pyproject.toml"))
+    .env({**SPEC.env, SPEC_ENV: SPEC.model_dump_json()})
+    .add_local_file(SPEC.mapping_path, MAPPING_IN_IMAGE, copy=False)
+    .add_local_python_source(*PACKAGES)
+)
+volumes: dict[str | Any, Any] = {
+    mount: modal.Volume.from_name(name, create_if_missing=True) for mount, name in SPEC.volumes.items()
+}
+secret = modal.Secret.from_name(SPEC.secret, required_keys=SPEC.required_secret_keys)
+
+app = modal.App(SPEC.name)
+
+
+@app.cls(
+    image=image,
+    gpu=SPEC.gpu,
+    volumes=volumes,
+    secrets=[secret],
+    min_containers=SPEC.min_containers,
+    max_containers=SPEC.max_containers,
+    scaledown_window=SPEC.scaledown_window_s,
+    timeout=SPEC.timeout_s,
+    startup_timeout=SPEC.startup_timeout_s,
+)
+@modal.concurrent(max_inputs=SPEC.max_concurrency)
+class Service:
+    @modal.enter()
+    def load(self) -> None:
+        """Once per container: build the service; a worker loads its model before taking traffic."""
+        self.served: Served = load(SPEC)
+
+    @modal.exit()
+    def drain(self) -> None:
+        self.served.close()
+
+    @modal.asgi_app(label=SPEC.name, requires_proxy_auth=SPEC.requires_proxy_auth)
+    def web(self) -> Any:
+        return self.served

@@ -1,0 +1,95 @@
+"""What a Modal container serves, without importing ``modal``: the worker or coordinator app built
+from the mapping shipped in the image, loaded once when the container starts.
+
+A worker's FastAPI lifespan loads its model in the background and answers 503 until ready; on Modal
+the container should take traffic only once the model is loaded, so :func:`load` runs the worker's
+lifespan itself (from ``@modal.enter``) and waits for readiness, and the ASGI app handed to Modal
+acknowledges Modal's own lifespan messages without running it a second time. The coordinator's
+lifespan starts tasks on the serving loop (health prober, HTTP client), so Modal runs that one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from modal_deploy.spec import MAPPING_IN_IMAGE, AppSpec
+
+Scope = dict[str, Any]
+POLL_S = 0.5  # readiness poll while @modal.enter waits for the worker's model
+
+
+class ASGIApp(Protocol):
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None: ...
+
+
+class Served:
+    """An ASGI app ready to hand to ``@modal.asgi_app`` and the ``close()`` to call on exit."""
+
+    def __init__(self, asgi: ASGIApp, lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None):
+        self._inner = asgi
+        self._lifespan = lifespan
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Run the app's lifespan startup now, on a private loop kept until :meth:`close`."""
+        if self._lifespan is not None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._lifespan.__aenter__())
+
+    def close(self) -> None:
+        """Run the lifespan shutdown (the worker drains its batcher). Idempotent."""
+        if self._lifespan is not None and self._loop is not None:
+            self._loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+            self._loop.close()
+            self._loop = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and self._lifespan is not None:
+            while True:  # already started in start(); acknowledge the server's startup/shutdown
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await self._inner(scope, receive, send)
+
+
+def load(
+    spec: AppSpec, mapping_path: str | Path = MAPPING_IN_IMAGE, *, timeout_s: float | None = None
+) -> Served:
+    """Build ``spec``'s service from the mapping; for a worker, load its model and return once it
+    is ready (``RuntimeError`` when loading fails, the token is missing, or ``timeout_s`` passes)."""
+    from shared.mapping import load_mapping
+    from shared.settings import Settings
+
+    settings = Settings()
+    if settings.worker_token_value() is None:
+        raise RuntimeError("MOLE_WORKER_TOKEN is not set: add it to the Modal secret (docs/deploy.md)")
+    if spec.role == "coordinator":
+        from coordinator.app import create_app as create_coordinator
+
+        return Served(create_coordinator(settings, Path(mapping_path)))
+
+    from worker.app import create_app as create_worker
+
+    assert spec.worker_id is not None
+    app = create_worker(settings, load_mapping(mapping_path), spec.worker_id)
+    served = Served(app, app.router.lifespan_context(app))
+    served.start()
+    budget = timeout_s if timeout_s is not None else spec.startup_timeout_s
+    deadline = time.monotonic() + budget
+    service = app.state.service
+    while service.state not in ("ready", "failed"):
+        if time.monotonic() > deadline:
+            served.close()
+            raise RuntimeError(f"worker {spec.worker_id} not ready after {budget:.0f}s")
+        time.sleep(POLL_S)
+    if service.state == "failed":
+        served.close()
+        raise RuntimeError(f"worker {spec.worker_id} failed to load: {service.load_error}")
+    return served

