@@ -114,8 +114,9 @@ def test_configure_logging_is_idempotent_and_json(capsys: pytest.CaptureFixture[
     try:
         configure_logging(Settings(log_json=True))
         configure_logging(Settings(log_json=True))
-        ours = [h for h in root.handlers if h not in before]
-        assert len(ours) == 1
+        # exactly one handler of ours, whether or not an earlier test configured logging already
+        ours = [h for h in root.handlers if getattr(h, "_mole_handler", False)]
+        assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
         record = logging.LogRecord("mole.test", logging.INFO, __file__, 1, "served %s", ("x",), None)
         record.request_id = "r1"
         line = json.loads(JsonFormatter().format(record))
