@@ -28,8 +28,9 @@ from coordinator.openai_compat import (
     to_classify,
 )
 from coordinator.router import RouteDecision, Router, RouterConfig, RouterModelProvider, decide
-from shared.errors import ConfigError, InvalidInput, MoleError, PayloadTooLarge
+from shared.errors import ConfigError, MoleError
 from shared.images import decode_image
+from shared.limits import check_text_limits
 from shared.mapping import MoleMapping, WorkerSpec, load_mapping
 from shared.schemas import (
     BatchItemError,
@@ -253,19 +254,7 @@ class CoordinatorService:
             raise
 
     def _check_limits(self, req: ClassifyRequest) -> None:
-        s = self.settings
-        if len(req.prompt) > s.max_prompt_chars:
-            raise PayloadTooLarge(
-                f"prompt has {len(req.prompt)} characters, more than the limit of {s.max_prompt_chars}",
-                field="prompt",
-                limit=s.max_prompt_chars,
-            )
-        if req.max_new_tokens is not None and req.max_new_tokens > s.max_new_tokens_cap:
-            raise InvalidInput(
-                f"max_new_tokens {req.max_new_tokens} exceeds the cap of {s.max_new_tokens_cap}",
-                field="max_new_tokens",
-                limit=s.max_new_tokens_cap,
-            )
+        check_text_limits(self.settings, req.prompt, req.max_new_tokens)
 
     async def _classify(
         self, active: Active, req: ClassifyRequest, request_id: str, sampling: Sampling, t0: float

@@ -126,10 +126,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CoordinatorSpec(_Strict):
-    """Where the coordinator listens (``mole up``) and where clients reach it."""
+class _Served(_Strict):
+    """A service reached at ``url`` (validated), with its host and port."""
 
-    url: str = "http://127.0.0.1:8000"  # http(s)://host:port
+    url: str
 
     @field_validator("url")
     @classmethod
@@ -145,6 +145,12 @@ class CoordinatorSpec(_Strict):
     def port(self) -> int:
         """Port part of ``url`` (scheme default when absent)."""
         return url_port(self.url)
+
+
+class CoordinatorSpec(_Served):
+    """Where the coordinator listens (``mole up``) and where clients reach it."""
+
+    url: str = "http://127.0.0.1:8000"  # http(s)://host:port
 
 
 class RouterSpec(_Strict):
@@ -178,7 +184,7 @@ class AdapterSpec(_Strict):
     description: str = ""  # free text for humans and /v1/models
 
 
-class WorkerSpec(_Strict):
+class WorkerSpec(_Served):
     """One worker replica. After :class:`MoleMapping` validation ``model`` is always set."""
 
     id: str = Field(pattern=WORKER_ID_PATTERN)  # unique worker id
@@ -192,21 +198,6 @@ class WorkerSpec(_Strict):
     max_containers: int = Field(default=1, ge=1)  # Modal: autoscaling ceiling
     scaledown_window_s: float = Field(default=300.0, ge=0)  # Modal: idle time before scale-down
     max_concurrency: int = Field(default=16, ge=1)  # concurrent requests one container accepts
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, value: str) -> str:
-        return _check_url(value)
-
-    @property
-    def host(self) -> str:
-        """Host part of ``url``."""
-        return url_host(self.url)
-
-    @property
-    def port(self) -> int:
-        """Port part of ``url`` (scheme default when absent)."""
-        return url_port(self.url)
 
     def is_local(self) -> bool:
         """True when the worker's URL is loopback, i.e. ``mole up`` starts it on this machine."""

@@ -18,8 +18,9 @@ from typing import Literal
 from PIL import Image
 
 from shared.batching import BatchSettings, MicroBatcher
-from shared.errors import AdapterNotFound, InvalidInput, NotReady, PayloadTooLarge
+from shared.errors import AdapterNotFound, NotReady
 from shared.images import decode_image
+from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
 from shared.modeling import Generated, GenerationParams, render_prompt
 from shared.schemas import AdapterInfo, InferRequest, InferResponse, WorkerInfo, WorkerReady
@@ -108,18 +109,7 @@ class WorkerService:
 
     def _validate(self, req: InferRequest) -> GenerationParams:
         s = self.settings
-        if len(req.prompt) > s.max_prompt_chars:
-            raise PayloadTooLarge(
-                f"prompt is {len(req.prompt)} characters; the limit is {s.max_prompt_chars}",
-                field="prompt",
-                limit=s.max_prompt_chars,
-            )
-        if req.max_new_tokens is not None and req.max_new_tokens > s.max_new_tokens_cap:
-            raise InvalidInput(
-                f"max_new_tokens={req.max_new_tokens} exceeds this worker's cap of {s.max_new_tokens_cap}",
-                field="max_new_tokens",
-                limit=s.max_new_tokens_cap,
-            )
+        check_text_limits(s, req.prompt, req.max_new_tokens)
         adapters = self.holder.adapters()
         if req.adapter not in adapters:
             raise AdapterNotFound(
