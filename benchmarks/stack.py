@@ -10,51 +10,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from benchmarks.core import rss_mb
+from shared.demo_assets import relocated_mapping
 
 READY_TIMEOUT_S = 180.0  # a loaded 2-core machine starting four torch processes at once is slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _absolute(root: Path, value: Any) -> Any:
-    if isinstance(value, str) and not value.startswith("/") and "://" not in value:
-        return str(root / value)
-    return value
-
-
 def mapping_copy(assets: Path, out: Path) -> Path:
     """The demo mapping with absolute paths and fresh loopback ports, written to ``out``."""
-    doc = json.loads((assets / "expert_machine_mapping.json").read_text())
-    doc["base_model"] = _absolute(assets, doc["base_model"])
-    doc["router"]["adapter"] = _absolute(assets, doc["router"]["adapter"])
-    for spec in doc["adapters"].values():
-        for key in ("lora", "merged"):
-            if spec.get(key):
-                spec[key] = _absolute(assets, spec[key])
-    for worker in doc["workers"]:
-        for key in ("model", "discover"):
-            if worker.get(key):
-                worker[key] = _absolute(assets, worker[key])
-        worker["url"] = f"http://127.0.0.1:{free_port()}"
-    doc["coordinator"]["url"] = f"http://127.0.0.1:{free_port()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
-    return out
+    return relocated_mapping(assets, out)
 
 
 @dataclass

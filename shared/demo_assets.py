@@ -356,6 +356,43 @@ def write_demo_mapping(out: Path, recipe: Recipe, base_port: int = BASE_PORT) ->
     return path
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for copies of the demo mapping in tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def relocated_mapping(assets: Path, out: Path, **top: Any) -> Path:
+    """Write the demo mapping to the file ``out`` with absolute paths into ``assets`` and fresh
+    loopback ports, so several stacks can run side by side. ``top`` replaces top-level keys."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and not value.startswith("/") and "://" not in value:
+            return str(Path(assets).resolve() / value)
+        return value
+
+    doc = json.loads((Path(assets) / "expert_machine_mapping.json").read_text())
+    doc["base_model"] = absolute(doc["base_model"])
+    doc["router"]["adapter"] = absolute(doc["router"]["adapter"])
+    for spec in doc["adapters"].values():
+        for key in ("lora", "merged"):
+            if spec.get(key):
+                spec[key] = absolute(spec[key])
+    for worker in doc["workers"]:
+        for key in ("model", "discover"):
+            if worker.get(key):
+                worker[key] = absolute(worker[key])
+        worker["url"] = f"http://127.0.0.1:{free_port()}"
+    doc["coordinator"]["url"] = f"http://127.0.0.1:{free_port()}"
+    doc.update(top)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    return out
+
+
 def build_demo_assets(
     out: Path, recipe: Recipe | None = None, *, force: bool = False, log: Callable[[str], None] = print
 ) -> BuildReport:

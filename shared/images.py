@@ -76,6 +76,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _bomb(max_pixels: int) -> PayloadTooLarge:
+    """Pillow's decompression-bomb guard fired: the declared size is beyond any sane image."""
+    return PayloadTooLarge(
+        f"{FIELD}: image dimensions exceed the limit of {max_pixels} pixels",
+        field=FIELD,
+        limit_pixels=max_pixels,
+    )
+
+
 def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """Decode an untrusted base64 image into a loaded RGB ``PIL.Image``.
 
@@ -104,11 +113,7 @@ def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Im
         try:
             img = Image.open(io.BytesIO(raw), formats=list(ALLOWED_FORMATS))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise PayloadTooLarge(
-                f"{FIELD}: image dimensions exceed the limit of {max_pixels} pixels",
-                field=FIELD,
-                limit_pixels=max_pixels,
-            ) from None
+            raise _bomb(max_pixels) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
             raise _not_an_image() from None
         with img:
@@ -129,11 +134,7 @@ def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Im
                 img.load()
                 return _to_rgb(img)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise PayloadTooLarge(
-                    f"{FIELD}: image dimensions exceed the limit of {max_pixels} pixels",
-                    field=FIELD,
-                    limit_pixels=max_pixels,
-                ) from None
+                raise _bomb(max_pixels) from None
             except (OSError, SyntaxError, ValueError, EOFError):
                 raise _not_an_image() from None
 

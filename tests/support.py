@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,20 +14,11 @@ from typing import Any
 
 import httpx
 
+from shared.demo_assets import free_port as free_port  # re-exported for the tests
+from shared.demo_assets import relocated_mapping
+
 REPO = Path(__file__).resolve().parent.parent
 _PATH_KEYS = ("lora", "merged", "model", "discover", "adapter")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _abs(root: Path, value: Any) -> Any:
-    if isinstance(value, str) and not value.startswith("/") and "://" not in value:
-        return str(root / value)
-    return value
 
 
 def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json", **top: Any) -> Path:
@@ -36,24 +26,7 @@ def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json"
 
     Keyword arguments replace top-level keys (e.g. ``routing={...}``) after the rewrite.
     """
-    doc = json.loads((assets / "expert_machine_mapping.json").read_text())
-    doc["base_model"] = _abs(assets, doc["base_model"])
-    doc["router"]["adapter"] = _abs(assets, doc["router"]["adapter"])
-    for spec in doc["adapters"].values():
-        for key in ("lora", "merged"):
-            if spec.get(key):
-                spec[key] = _abs(assets, spec[key])
-    for worker in doc["workers"]:
-        for key in ("model", "discover"):
-            if worker.get(key):
-                worker[key] = _abs(assets, worker[key])
-        worker["url"] = f"http://127.0.0.1:{free_port()}"
-    doc["coordinator"]["url"] = f"http://127.0.0.1:{free_port()}"
-    doc.update(top)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    path.write_text(json.dumps(doc, indent=2))
-    return path
+    return relocated_mapping(assets, out_dir / name, **top)
 
 
 class Service:
