@@ -272,13 +272,13 @@ def test_overload_answers_429_with_retry_after_and_recovers(mapping: Path, logs:
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [
                     asyncio.create_task(client.post(f"{svc.url}/infer", json=request(s, "claim")))
-                    for s in samples[:3]
+                    for s in samples[:2]  # the queue holds 2: none of these may be refused
                 ]
                 await asyncio.sleep(0.3)
                 svc.proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
-        assert [r.status_code for r in asyncio.run(drain())] == [200, 200, 200]
+        assert [r.status_code for r in asyncio.run(drain())] == [200, 200]
         svc.proc.wait(30)
     finally:
         svc.stop()
