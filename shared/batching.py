@@ -72,6 +72,7 @@ class MicroBatcher(Generic[T, R]):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._service_ema = 0.05  # seconds per batch, smoothed: feeds Retry-After
+        self._last_batch_size = 1  # > 1 means requests overlap: worth waiting for company
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,7 +133,10 @@ class MicroBatcher(Generic[T, R]):
                 self._cond.wait()
             first = self._queue.popleft()
             batch = [first]
-            until = time.monotonic() + s.max_wait_ms / 1000.0
+            # Wait for company only while requests overlap (the last batch had several): one client
+            # at a time then pays no batching window, and concurrent load still forms full batches.
+            wait_ms = s.max_wait_ms if self._last_batch_size > 1 else 0.0
+            until = time.monotonic() + wait_ms / 1000.0
             while len(batch) < s.max_batch_size:
                 for p in list(self._queue):
                     if p.key == first.key:
@@ -145,6 +149,7 @@ class MicroBatcher(Generic[T, R]):
                     break
                 self._cond.wait(remaining)
             self._running = len(batch)
+            self._last_batch_size = len(batch)
             return batch
 
     def _loop(self) -> None:
