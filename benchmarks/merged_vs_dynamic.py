@@ -137,8 +137,8 @@ async def run(ctx: BenchContext) -> Section:
     if not met:
         note = (
             f"The dynamic worker's p50 was {x(slow)} the merged one's at concurrency 1 while the model alone "
-            f"was {x(model_slow)}: at concurrency 1 the worker's fixed costs (the 5 ms batch window and its "
-            "wake-up on a loaded machine, image decode, thread hand-offs) and the machine's load bursts "
+            f"was {x(model_slow)}: at concurrency 1 the worker's fixed costs (image decode, thread hand-offs "
+            "on a loaded machine) and the machine's load bursts "
             "swamp the difference. " + why
         )
     elif not 1.10 <= slow <= 1.20:

@@ -172,8 +172,8 @@ async def run(ctx: BenchContext) -> Section:
     )
     rt.caption = (
         "In-process, the same model (base + router LoRA) and screens, interleaved; model time only. The "
-        "coordinator's reported route time above also holds the image decode and the router batcher's "
-        "window (it waits up to max_wait_ms for company)."
+        "coordinator's reported route time above also holds the image decode and the hand-off to the router "
+        "batcher's thread (which waits up to max_wait_ms for company only while requests overlap)."
     )
     section.tables.append(rt)
 

@@ -258,7 +258,7 @@ async def run(ctx: BenchContext) -> Section:
             f"At concurrency {c_low} mole is slower than the baseline "
             f"({x(ratio(results[c_low]['mole'].rps, results[c_low]['baseline'].rps))}; p50 "
             f"{results[c_low]['mole'].p50:.1f} vs {results[c_low]['baseline'].p50:.1f} ms): a lone request "
-            "crosses two HTTP hops and waits out two micro-batch windows (router and worker), while on a model "
+            "crosses two HTTP hops and two batcher hand-offs (router and worker), while on a model "
             "this small the router's single forward saves little over a two-token generate-and-parse and the "
             "merged checkpoint only helps the two hot experts. mole's design pays off under concurrency."
         )

@@ -2,7 +2,9 @@
 
 Callers ``await submit(item)``; the compute thread takes the oldest item, gathers more items with
 the same group key until ``max_batch_size`` or ``max_wait_ms`` after the first, and calls
-``run_batch(items)`` off the event loop. Results go back to each caller's future. When a batch
+``run_batch(items)`` off the event loop. The window applies only while requests overlap (the last
+batch had more than one item): a lone client pays no wait, and items that arrive while a batch runs
+form the next one. Results go back to each caller's future. When a batch
 raises, each of its items is retried alone, so one bad request fails by itself and the thread lives
 on. A full queue raises :class:`~shared.errors.Overloaded` at once (callers answer 429), and an item
 whose deadline passed while queued is failed without running.
@@ -32,7 +34,7 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch_size: int = 8  # rows per forward
-    max_wait_ms: float = 5.0  # how long the first item waits for company
+    max_wait_ms: float = 5.0  # how long the first item waits for company (only while requests overlap)
     max_queue: int = 64  # items waiting (not running) before submit answers Overloaded
 
 

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=12_000_000, ge=1)  # HTTP request body size
     # batching and admission
     max_batch_size: int = Field(default=8, ge=1)  # requests per forward on a worker
-    max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch waits to fill up
+    max_wait_ms: float = Field(default=5.0, ge=0)  # batch fill-up wait, only while requests overlap
     max_queue: int = Field(default=64, ge=1)  # queued requests before answering 429
     max_waiting: int = Field(default=256, ge=1)  # coordinator: requests waiting for a worker slot
     # timeouts
