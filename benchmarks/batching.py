@@ -7,8 +7,8 @@ Throughput (requests/s, generated tokens/s) and latency at concurrency 1, 2, 4, 
 
 from __future__ import annotations
 
-from benchmarks.core import Call, Check, Run, Section, Table, ms, ratio, side_by_side, x
-from benchmarks.env import BenchContext, infer_request, make_inputs
+from benchmarks.core import Check, Run, Section, Table, ms, ratio, side_by_side, x
+from benchmarks.env import BenchContext, make_inputs, service_calls
 from benchmarks.report import figure
 
 ADAPTER = "calendar"
@@ -23,17 +23,7 @@ async def run(ctx: BenchContext) -> Section:
     services = {"on": on, "off": off}
     inputs = make_inputs(64, seed=202, kinds=(ADAPTER,))
     try:
-
-        def caller(name: str) -> Call:
-            service = services[name]
-
-            async def call(i: int) -> int:
-                resp = await service.infer(infer_request(inputs[i % len(inputs)], ADAPTER))
-                return resp.tokens_generated
-
-            return call
-
-        calls = {name: caller(name) for name in services}
+        calls = service_calls(services, inputs, ADAPTER)
         levels = ctx.pick(CONCURRENCY, (1, 4))
         results: dict[int, dict[str, Run]] = {}
         for c in levels:

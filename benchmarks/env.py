@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.core import Call
 from shared import synthetic
 from shared.images import encode_image_b64
 from shared.mapping import MoleMapping, load_mapping, parse_mapping
@@ -88,6 +89,20 @@ def infer_request(inp: Input, adapter: str, max_new_tokens: int = MAX_NEW_TOKENS
     return InferRequest(
         image_b64=inp.image_b64, prompt=inp.prompt, adapter=adapter, max_new_tokens=max_new_tokens
     )
+
+
+def service_calls(services: dict[str, Any], inputs: list[Input], adapter: str) -> dict[str, Call]:
+    """One closed-loop call per in-process ``WorkerService``: request ``i`` sends input ``i`` (cycled)
+    for ``adapter`` and returns the tokens generated."""
+
+    def caller(service: Any) -> Call:
+        async def call(i: int) -> int:
+            resp = await service.infer(infer_request(inputs[i % len(inputs)], adapter))
+            return int(resp.tokens_generated)
+
+        return call
+
+    return {name: caller(service) for name, service in services.items()}
 
 
 @dataclass

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from benchmarks.core import Call, Check, Run, Section, Table, ms, ratio, side_by_side, x
-from benchmarks.env import BenchContext, infer_request, make_inputs
+from benchmarks.core import Check, Run, Section, Table, ms, ratio, side_by_side, x
+from benchmarks.env import BenchContext, make_inputs, service_calls
 from benchmarks.report import figure
 
 ADAPTER = "calendar"
@@ -49,16 +49,7 @@ async def run(ctx: BenchContext) -> Section:
                 model_ms[name].append(time.perf_counter() - t0)
         model_runs = {name: Run(lat, sum(lat)) for name, lat in model_ms.items()}
 
-        def caller(name: str) -> Call:
-            service = services[name]
-
-            async def call(i: int) -> int:
-                resp = await service.infer(infer_request(inputs[i % len(inputs)], ADAPTER))
-                return resp.tokens_generated
-
-            return call
-
-        calls = {name: caller(name) for name in services}
+        calls = service_calls(services, inputs, ADAPTER)
         # finest interleaving (two requests per worker per round): both see the same load bursts
         latency = await side_by_side(calls, n_lat, 1, rounds=n_lat // 2)
         levels = ctx.pick(CONCURRENCY, (1, 4))
