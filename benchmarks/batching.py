@@ -7,7 +7,7 @@ Throughput (requests/s, generated tokens/s) and latency at concurrency 1, 2, 4, 
 
 from __future__ import annotations
 
-from benchmarks.core import Check, Run, Section, Table, ms, ratio, side_by_side, x
+from benchmarks.core import Check, Section, Table, ms, ratio, x
 from benchmarks.env import BenchContext, make_inputs, service_calls
 from benchmarks.report import figure
 
@@ -24,10 +24,7 @@ async def run(ctx: BenchContext) -> Section:
     inputs = make_inputs(64, seed=202, kinds=(ADAPTER,))
     try:
         calls = service_calls(services, inputs, ADAPTER)
-        levels = ctx.pick(CONCURRENCY, (1, 4))
-        results: dict[int, dict[str, Run]] = {}
-        for c in levels:
-            results[c] = await side_by_side(calls, ctx.pick(max(48, 6 * c), 8), c, rounds=ctx.pick(3, 1))
+        results = await ctx.throughput_sweep(calls, CONCURRENCY)
     finally:
         for service in services.values():
             service.drain()
@@ -85,7 +82,7 @@ async def run(ctx: BenchContext) -> Section:
         axes[1].set_title("Micro-batching: tokens")
     section.plots.append(plot)
 
-    c8 = 8 if 8 in results else levels[-1]
+    c8 = 8 if 8 in results else max(results)
     gain = ratio(results[c8]["on"].rps, results[c8]["off"].rps)
     met = gain >= TARGET
     note = ""

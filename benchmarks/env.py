@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.core import Call
+from benchmarks.core import Call, Run, side_by_side
 from shared import synthetic
 from shared.images import encode_image_b64
 from shared.mapping import MoleMapping, load_mapping, parse_mapping
@@ -125,6 +125,16 @@ class BenchContext:
     def pick(self, full: Any, quick: Any) -> Any:
         """``quick`` in ``--quick`` runs, ``full`` otherwise."""
         return quick if self.options.quick else full
+
+    async def throughput_sweep(
+        self, calls: dict[str, Call], levels: tuple[int, ...]
+    ) -> dict[int, dict[str, Run]]:
+        """Closed-loop throughput of every system in ``calls`` at each concurrency, side by side
+        (``(1, 4)`` only in ``--quick`` runs)."""
+        out: dict[int, dict[str, Run]] = {}
+        for c in self.pick(levels, (1, 4)):
+            out[c] = await side_by_side(calls, self.pick(max(48, 6 * c), 8), c, rounds=self.pick(3, 1))
+        return out
 
     def lora_rank(self) -> int:
         """Rank of the expert LoRAs."""

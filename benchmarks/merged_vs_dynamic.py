@@ -52,10 +52,7 @@ async def run(ctx: BenchContext) -> Section:
         calls = service_calls(services, inputs, ADAPTER)
         # finest interleaving (two requests per worker per round): both see the same load bursts
         latency = await side_by_side(calls, n_lat, 1, rounds=n_lat // 2)
-        levels = ctx.pick(CONCURRENCY, (1, 4))
-        throughput: dict[int, dict[str, Run]] = {}
-        for c in levels:
-            throughput[c] = await side_by_side(calls, ctx.pick(max(48, 6 * c), 8), c, rounds=ctx.pick(3, 1))
+        throughput = await ctx.throughput_sweep(calls, CONCURRENCY)
     finally:
         for service in services.values():
             service.drain()
@@ -112,7 +109,8 @@ async def run(ctx: BenchContext) -> Section:
 
     slow = ratio(latency["dynamic"].p50, latency["merged"].p50)
     model_slow = ratio(model_runs["dynamic"].p50, model_runs["merged"].p50)
-    top = throughput[levels[-1]]
+    top_c = max(throughput)
+    top = throughput[top_c]
     top_ratio = ratio(top["merged"].rps, top["dynamic"].rps)
     met = slow > 1.0
     rank, width = ctx.lora_rank(), ctx.text_width()
@@ -142,7 +140,7 @@ async def run(ctx: BenchContext) -> Section:
         Check(
             "merged faster than dynamic (seed claim: 10–20%)",
             f"dynamic p50 = {x(slow)} merged at concurrency 1 (model only {x(model_slow)}); "
-            f"merged/dynamic throughput {x(top_ratio)} at {levels[-1]} clients",
+            f"merged/dynamic throughput {x(top_ratio)} at {top_c} clients",
             "met" if met else "missed",
             note,
         )
