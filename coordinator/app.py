@@ -14,35 +14,23 @@ import signal
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from coordinator.dispatch import Backend, WorkerRejected
+from coordinator.backends import Backend
 from coordinator.router import RouterModelProvider
 from coordinator.routes import admin, ops, public
 from coordinator.service import CoordinatorService
-from shared.errors import install_error_handlers, retry_after_header
+from shared.errors import install_error_handlers
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, RequireJsonMiddleware
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-async def _worker_rejected(request: Request, exc: Exception) -> JSONResponse:
-    """A worker's own error answer (4xx, 500), passed to the client with its status and body."""
-    assert isinstance(exc, WorkerRejected)
-    headers = {}
-    retry_after = exc.body.get("error", {}).get("retry_after")
-    if isinstance(retry_after, int | float):
-        headers["Retry-After"] = retry_after_header(float(retry_after))
-    return JSONResponse(exc.body, status_code=exc.status, headers=headers)
-
-
 def _install_sighup(service: CoordinatorService) -> bool:
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGHUP, service.reload_in_background, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, service.active.reload_in_background, "SIGHUP")
     except (NotImplementedError, RuntimeError, ValueError, AttributeError):
         return False  # not the main thread (e.g. an in-process test server) or no SIGHUP here
     return True
@@ -52,13 +40,11 @@ def create_app(
     settings: Settings,
     mapping_path: Path,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
     backends: Mapping[str, Backend] | None = None,
     router_model: RouterModelProvider | None = None,
 ) -> FastAPI:
     """The coordinator app for the mapping at ``mapping_path``.
 
-    ``transport`` replaces the HTTP transport of the worker client (fault-injection tests);
     ``backends`` serves the named worker ids in-process instead of over HTTP and ``router_model``
     lends the router a model shared with them instead of loading one (monolithic mode,
     :mod:`mole.monolithic`).
@@ -67,7 +53,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await CoordinatorService.start(
-            settings, Path(mapping_path), transport=transport, backends=backends, router_model=router_model
+            settings, Path(mapping_path), backends=backends, router_model=router_model
         )
         app.state.service = service
         sighup = _install_sighup(service)
@@ -83,7 +69,6 @@ def create_app(
     app.state.settings = settings
     app.state.api_keys = settings.api_key_set()
     install_error_handlers(app)
-    app.add_exception_handler(WorkerRejected, _worker_rejected)
     app.add_middleware(RequireJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries the request id

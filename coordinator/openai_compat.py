@@ -1,5 +1,9 @@
 """OpenAI-compatible wire types (``/v1/chat/completions``, ``/v1/models``) and their translation.
 
+This is the serving layer above :class:`~coordinator.service.CoordinatorService`, as vLLM's
+``serving_chat`` sits above its engine client: :func:`chat_completion` translates a chat request
+into a classify request, runs it, and translates the answer back.
+
 Requests keep unknown fields (OpenAI clients send many optional ones we ignore) but refuse what we
 cannot honour: ``stream: true``, ``n > 1``, image URLs that are not ``data:`` URLs (never fetched).
 The last user message's text is the prompt; the image is the last ``image_url`` part of the user
@@ -13,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coordinator.service import Classified, CoordinatorService, Sampling
 from shared.errors import InvalidInput
 from shared.schemas import MAX_NEW_TOKENS_LIMIT, ClassifyRequest
 
@@ -93,14 +98,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class Sampling(BaseModel):
-    """Decoding options forwarded to the worker."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
 
 
 def _text_of(content: str | list[ContentPart] | None) -> str:
@@ -189,6 +186,24 @@ def completion(
         ),
         system_fingerprint=fingerprint,
     )
+
+
+async def chat_completion(
+    service: CoordinatorService, req: ChatCompletionRequest, request_id: str
+) -> tuple[ChatCompletionResponse, Classified]:
+    """Serve one chat completion through :meth:`CoordinatorService.classify`."""
+    classify, sampling = to_classify(req)
+    served = await service.classify(classify, request_id, sampling=sampling)
+    body = completion(
+        request_id=request_id,
+        adapter=served.response.adapter,
+        output=served.response.output,
+        prompt_tokens=await service.count_prompt_tokens(classify.prompt),
+        completion_tokens=served.tokens_generated,
+        max_new_tokens=classify.max_new_tokens,
+        fingerprint=served.router_version[:16] or None,
+    )
+    return body, served
 
 
 def model_list(adapters: list[str]) -> ModelList:

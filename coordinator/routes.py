@@ -12,8 +12,14 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from coordinator.deps import ApiKeyDep, RequestIdDep, ServiceDep
-from coordinator.openai_compat import ChatCompletionRequest, ChatCompletionResponse, ModelList, model_list
-from coordinator.service import Served
+from coordinator.openai_compat import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ModelList,
+    chat_completion,
+    model_list,
+)
+from coordinator.service import Classified
 from shared.http import metrics_response
 from shared.schemas import (
     ClassifyBatchRequest,
@@ -35,7 +41,7 @@ admin = APIRouter(prefix="/admin", dependencies=[ApiKeyDep], responses=error_res
 ops = APIRouter()
 
 
-def _route_headers(response: Response, served: Served) -> None:
+def _route_headers(response: Response, served: Classified) -> None:
     response.headers[ROUTER_VERSION_HEADER] = served.router_version
     top = served.response.top_k
     if top:
@@ -93,14 +99,14 @@ async def chat_completions(
     body: ChatCompletionRequest, service: ServiceDep, rid: RequestIdDep, response: Response
 ) -> ChatCompletionResponse:
     """OpenAI-compatible: ``model`` is ``auto`` or an adapter; the image is a ``data:`` URL part."""
-    completion, served = await service.chat(body, rid)
+    completion, served = await chat_completion(service, body, rid)
     _route_headers(response, served)
     return completion
 
 
 @public.get("/v1/models", response_model=ModelList)
 async def list_models(service: ServiceDep) -> ModelList:
-    return model_list(sorted(service.mapping.adapters))
+    return model_list(service.adapter_names())
 
 
 @admin.post("/reload")
@@ -112,7 +118,7 @@ async def reload_mapping(service: ServiceDep) -> dict[str, Any]:
 @ops.get("/workers")
 async def workers(service: ServiceDep) -> dict[str, Any]:
     """Every worker with url, mode, adapters, state, ejection, last probe time and latency."""
-    return {"workers": service.dispatcher.view()}
+    return {"workers": service.workers_view()}
 
 
 @ops.get("/health/live")
@@ -129,4 +135,4 @@ async def ready(service: ServiceDep) -> JSONResponse:
 
 @ops.get("/metrics")
 async def metrics(service: ServiceDep) -> Response:
-    return metrics_response(service.metrics.registry)
+    return metrics_response(service.metrics_registry)

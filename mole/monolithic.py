@@ -31,11 +31,19 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from coordinator.app import create_app
-from coordinator.dispatch import AttemptFailed, AttemptTimedOut, CallContext, Probe, WorkerRejected
+from coordinator.backends import (
+    AttemptFailed,
+    AttemptTimedOut,
+    CallContext,
+    Failure,
+    Probe,
+    probe_of,
+    read_error,
+)
 from coordinator.router import SharedModel
-from shared.errors import ConfigError, MoleError, Overloaded
+from shared.errors import ConfigError, MoleError
 from shared.mapping import MoleMapping, WorkerSpec, load_mapping
-from shared.schemas import InferRequest, InferResponse, Mode
+from shared.schemas import InferRequest, InferResponse
 from shared.settings import Settings, resolve_device_dtype
 from worker.holders import DynamicHolder
 from worker.service import WorkerService
@@ -63,44 +71,33 @@ def inprocess_worker(mapping: MoleMapping) -> WorkerSpec:
 
 
 class InProcessBackend:
-    """A :class:`~coordinator.dispatch.Backend` around a :class:`WorkerService` of this process.
+    """A :class:`~coordinator.backends.Backend` around a :class:`WorkerService` of this process.
 
-    Errors follow the HTTP backend's policy by status, as if the worker had answered over HTTP:
-    429 is ``overloaded`` and 5xx a safe failure (another replica may retry), both
-    ``AttemptFailed``; any other error is the client's answer (``WorkerRejected``).
+    The worker's typed errors go through the same table as an HTTP worker's answers
+    (:func:`~coordinator.backends.read_error`); anything else is a broken answer, like a 500.
     """
 
     def __init__(self, service: WorkerService):
-        self.name = service.spec.id
-        self.mode: Mode = service.spec.mode
+        self.worker_id = service.spec.id
         self.service = service
 
-    async def schedule(self, request: InferRequest, ctx: CallContext) -> InferResponse:
-        deadline = time.monotonic() + ctx.timeout_s
+    async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
+        deadline = time.monotonic() + call.timeout_s
         try:
-            async with asyncio.timeout(ctx.timeout_s):
+            async with asyncio.timeout(call.timeout_s):
                 return await self.service.infer(request, deadline=deadline)
         except TimeoutError:
-            raise AttemptTimedOut(f"no answer within {ctx.timeout_s:.1f}s") from None
+            raise AttemptTimedOut(f"no answer within {call.timeout_s:.1f}s") from None
         except MoleError as exc:
-            if isinstance(exc, Overloaded):
-                raise AttemptFailed("overloaded", retry_after=exc.retry_after) from None
-            if exc.status >= 500:
-                raise AttemptFailed(f"http_{exc.status}") from None
-            raise WorkerRejected(self.name, exc.status, exc.to_body()) from None
+            return read_error(self.worker_id, exc)
         except Exception:  # what the worker's HTTP layer would answer as a 500
             logger.exception(
-                "in-process worker failed", extra={"worker_id": self.name, "request_id": ctx.request_id}
+                "in-process worker failed", extra={"worker_id": self.worker_id, "request_id": call.request_id}
             )
-            raise AttemptFailed("http_500") from None
+            raise AttemptFailed(Failure.HTTP_500) from None
 
     async def health(self) -> Probe:
-        state = self.service.state
-        if state == "ready":
-            return Probe("up", adapters=self.service.ready_body().adapters)
-        if state == "failed":
-            return Probe("down", error=self.service.load_error)
-        return Probe("draining" if state == "draining" else "loading")
+        return probe_of(self.service.ready_body())
 
 
 class Monolith:

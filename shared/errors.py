@@ -10,26 +10,28 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from typing import Any, ClassVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger(__name__)
+from shared.schemas import REQUEST_ID_HEADER
 
-REQUEST_ID_HEADER = "X-Request-Id"
+logger = logging.getLogger(__name__)
 
 
 class MoleError(Exception):
     """Base of every error a mole service answers with; ``status``/``code`` pick the HTTP reply.
 
     ``details`` must be JSON-safe: they are merged into the error body next to code and message.
+    Subclasses set ``status`` and ``code`` as class attributes; :class:`ForwardedError` sets them
+    per instance (the worker's).
     """
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "mole_error"
+    status: int = 500
+    code: str = "mole_error"
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -120,6 +122,17 @@ class GenerationFailed(MoleError):
 
     status = 500
     code = "generation_failed"
+
+
+class ForwardedError(MoleError):
+    """A worker's own error answer that is the client's answer (e.g. 404 for an adapter it does not
+    hold): passed on with the worker's status, code, message and details."""
+
+    def __init__(self, worker_id: str, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.worker_id = worker_id
+        self.status = status
+        self.code = code
 
 
 class ConfigError(MoleError):

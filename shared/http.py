@@ -16,7 +16,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shared.errors import REQUEST_ID_HEADER, Unauthorized
+from shared.errors import Unauthorized
+from shared.schemas import REQUEST_ID_HEADER
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -18,6 +18,10 @@ MAX_NEW_TOKENS_LIMIT = 4096  # wire limit; workers clamp to settings.max_new_tok
 MAX_BATCH_ITEMS = 64  # items in one POST /classify/batch
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # safe as a folder name and a metric label
 
+# Wire headers, defined once for both sides of every hop.
+REQUEST_ID_HEADER = "X-Request-Id"  # accepted or minted by every service, echoed, forwarded to workers
+DEADLINE_HEADER = "X-Mole-Deadline-Ms"  # remaining budget of the request, in milliseconds
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,12 +61,16 @@ class AdapterInfo(_Strict):
 
 
 class WorkerReady(_Strict):
-    """Worker ``GET /health/ready`` body (status 200 only when ``status == "ready"``)."""
+    """Worker ``GET /health/ready`` body (status 200 only when ``status == "ready"``).
 
-    status: Literal["ready", "loading", "draining"]
+    ``failed``: the model could not be loaded and never will be without a restart; ``error`` says why.
+    """
+
+    status: Literal["ready", "loading", "draining", "failed"]
     worker_id: str
     mode: str
     adapters: list[AdapterInfo]
+    error: str | None = None
 
 
 class WorkerInfo(_Strict):

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from shared.errors import InvalidInput
 from shared.http import metrics_response
 from shared.schemas import (
+    DEADLINE_HEADER,
     AdapterInfo,
     InferRequest,
     InferResponse,
@@ -18,8 +19,6 @@ from shared.schemas import (
     WorkerReady,
 )
 from worker.deps import Service, WorkerAuth
-
-DEADLINE_HEADER = "x-mole-deadline-ms"
 
 router = APIRouter()
 

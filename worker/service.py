@@ -172,14 +172,13 @@ class WorkerService:
 
     # ---- views -----------------------------------------------------------------------------
     def ready_body(self) -> WorkerReady:
-        status: Literal["ready", "loading", "draining"] = (
-            "ready" if self.state == "ready" else "draining" if self.state == "draining" else "loading"
-        )
+        """The readiness body: the state as is (``failed`` carries the load error)."""
         return WorkerReady(
-            status=status,
+            status=self.state,
             worker_id=self.spec.id,
             mode=self.spec.mode,
             adapters=[AdapterInfo(name=n, sha256=h) for n, h in sorted(self.holder.adapters().items())],
+            error=self.load_error,
         )
 
     def info(self) -> WorkerInfo:

@@ -17,22 +17,25 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.dispatch import (
-    DEADLINE_HEADER,
-    AttemptFailed,
-    AttemptTimedOut,
-    CallContext,
-    Dispatcher,
-    HttpBackend,
-    Probe,
-    WorkerRejected,
-)
+from coordinator.backends import AttemptFailed, AttemptTimedOut, CallContext, HttpBackend, Probe, read_error
+from coordinator.dispatch import Dispatcher
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_compat import ChatCompletionRequest, to_classify
 from coordinator.router import RouteScores, decide
-from shared.errors import InvalidInput, NoConfidentRoute, NoWorkerAvailable, Overloaded, WorkerTimeout
+from shared.errors import (
+    AdapterNotFound,
+    ForwardedError,
+    GenerationFailed,
+    InvalidInput,
+    MoleError,
+    NoConfidentRoute,
+    NotReady,
+    NoWorkerAvailable,
+    Overloaded,
+    WorkerTimeout,
+)
 from shared.mapping import MoleMapping, WorkerSpec, parse_mapping
-from shared.schemas import AdapterInfo, InferRequest, InferResponse, Mode
+from shared.schemas import DEADLINE_HEADER, AdapterInfo, InferRequest, InferResponse, Mode
 
 Outcome = Exception | None  # None: answer successfully
 
@@ -64,12 +67,12 @@ class ScriptedBackend:
     """Answers from a per-call script (fault injection); records the calls it got."""
 
     def __init__(self, spec: WorkerSpec, script: list[Outcome]):
-        self.name = spec.id
+        self.worker_id = spec.id
         self.mode: Mode = spec.mode
         self.script = script
         self.calls = 0
 
-    async def schedule(self, request: InferRequest, ctx: CallContext) -> InferResponse:
+    async def infer(self, request: InferRequest, ctx: CallContext) -> InferResponse:
         self.calls += 1
         outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
@@ -78,7 +81,7 @@ class ScriptedBackend:
             output="ok",
             adapter=request.adapter,
             mode=self.mode,
-            worker_id=self.name,
+            worker_id=self.worker_id,
             tokens_generated=1,
             timings_ms={},
         )
@@ -149,14 +152,14 @@ def test_busy_replicas_make_requests_wait_for_a_slot_not_fail(tmp_path: Path) ->
         w.max_concurrency = 1
     d, backends = make_dispatcher(mapping, {})
     gate = asyncio.Event()
-    original = ScriptedBackend.schedule
+    original = ScriptedBackend.infer
 
     async def slow(self: ScriptedBackend, request: InferRequest, ctx: CallContext) -> InferResponse:
         await gate.wait()
         return await original(self, request, ctx)
 
     for b in backends.values():
-        b.schedule = slow.__get__(b)  # type: ignore[method-assign]
+        b.infer = slow.__get__(b)  # type: ignore[method-assign]
 
     async def scenario() -> list[Any]:
         req = InferRequest(image_b64="x", prompt="p", adapter="calendar")
@@ -245,15 +248,15 @@ def test_prefer_merged_false_uses_dynamic_first_without_degrading(tmp_path: Path
 
 def test_least_in_flight_ready_replica_is_chosen(tmp_path: Path) -> None:
     d, _ = make_dispatcher(make_mapping(tmp_path), {})
-    asyncio.run(d.probe_all())
+    asyncio.run(d.prober.probe_all())
     next(r for r in d.replicas() if r.spec.id == "merged-a").in_flight = 3
     assert run(d).worker_id == "merged-b"
 
 
 def test_worker_4xx_is_passed_through_without_retry(tmp_path: Path) -> None:
-    rejected = WorkerRejected("merged-a", 404, {"error": {"code": "adapter_not_found", "message": "no"}})
+    rejected = ForwardedError("merged-a", 404, "adapter_not_found", "no")
     d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [rejected]})
-    with pytest.raises(WorkerRejected) as err:
+    with pytest.raises(ForwardedError) as err:
         run(d)
     assert err.value.status == 404 and err.value.code == "adapter_not_found"
     assert backends["merged-b"].calls == 0 and backends["dynamic-0"].calls == 0
@@ -295,7 +298,7 @@ def test_consecutive_failures_eject_but_never_the_last_replica(tmp_path: Path) -
 
 def test_adapter_missing_on_worker_is_not_routed_there(tmp_path: Path) -> None:
     d, _ = make_dispatcher(make_mapping(tmp_path), {})
-    asyncio.run(d.probe_all())
+    asyncio.run(d.prober.probe_all())
     dyn = next(r for r in d.replicas() if r.spec.id == "dynamic-0")
     dyn.reported = [AdapterInfo(name="calendar", sha256="x")]
     assert dyn.missing() == ["login"]
@@ -324,7 +327,7 @@ def call(handler: Callable[[httpx.Request], httpx.Response]) -> InferResponse:
         backend, client = http_backend(handler)
         async with client:
             req = InferRequest(image_b64="data:image/png;base64,AAAA", prompt="p", adapter="login")
-            return await backend.schedule(req, CallContext("rid-1", 2.5, 1.0))
+            return await backend.infer(req, CallContext("rid-1", 2.5, 1.0))
 
     return asyncio.run(go())
 
@@ -350,7 +353,7 @@ def test_http_backend_sends_token_deadline_request_id_and_image_as_received() ->
         (503, AttemptFailed),
         (502, AttemptFailed),
         (429, AttemptFailed),
-        (404, WorkerRejected),
+        (404, ForwardedError),
         (500, AttemptFailed),  # a broken worker: retried elsewhere, 502 when all are broken
     ],
 )
@@ -370,6 +373,65 @@ def test_http_backend_connect_error_is_a_safe_failure() -> None:
 
     with pytest.raises(AttemptFailed, match="connect_error"):
         call(handler)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (Overloaded("queue full", retry_after=3.0), "overloaded"),
+        (NotReady("worker w is loading"), "http_503"),
+        (GenerationFailed("generation failed: RuntimeError"), "http_500"),
+    ],
+)
+def test_in_process_errors_read_like_http_answers(error: MoleError, reason: str) -> None:
+    """One table for every backend: a worker's typed error in this process and the same error
+    answered over HTTP give the same outcome."""
+    with pytest.raises(AttemptFailed) as in_process:
+        read_error("w", error)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(error.status, json=error.to_body(), headers={"Retry-After": "3"})
+
+    with pytest.raises(AttemptFailed) as over_http:
+        call(handler)
+    assert in_process.value.reason == over_http.value.reason == reason
+    if reason == "overloaded":
+        assert in_process.value.retry_after == over_http.value.retry_after == 3.0
+
+
+def test_a_workers_client_error_is_forwarded_with_its_code_and_details() -> None:
+    error = AdapterNotFound("adapter 'x' is not held by worker w", adapters=["login"])
+    with pytest.raises(ForwardedError) as in_process:
+        read_error("w", error)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json=error.to_body())
+
+    with pytest.raises(ForwardedError) as over_http:
+        call(handler)
+    for err in (in_process.value, over_http.value):
+        assert (err.status, err.code, err.worker_id) == (404, "adapter_not_found", "w")
+        assert err.to_body() == error.to_body()
+
+
+def test_http_backend_reports_a_failed_load_with_its_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {
+            "status": "failed",
+            "worker_id": "w",
+            "mode": "dynamic",
+            "adapters": [],
+            "error": "OSError: gone",
+        }
+        return httpx.Response(503, json=body)
+
+    async def go() -> Probe:
+        backend, client = http_backend(handler)
+        async with client:
+            return await backend.health()
+
+    probe = asyncio.run(go())
+    assert probe.state == "failed" and probe.error == "OSError: gone"
 
 
 # ---- router decision policy ---------------------------------------------------------------------
