@@ -15,7 +15,7 @@ coordinator's, unchanged.
   must never overlap: router forwards and expert generates serialise on the holder's lock.
 - Every other worker of the mapping (e.g. merged replicas) is still dispatched over HTTP as usual.
 
-This module is one of the three places allowed to compose both services (design §1).
+This module is one of the three places allowed to compose both services (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Worker HTTP routes: validate, call the service, return (design.md §3)."""
+"""Worker HTTP routes: validate, call the service, return (the HTTP contract: README "HTTP API")."""
 
 from __future__ import annotations
 

@@ -242,14 +242,16 @@ def test_broken_and_stalled_workers_never_crash_the_coordinator(stack: Stack, fi
         r = httpx.post(f"{stack.url}/classify", json=_body(sample, expert="claim"), headers=AUTH, timeout=30)
         elapsed = time.monotonic() - t0
         outcomes.append((r.status_code, round(elapsed, 2)))
-        assert r.status_code in (200, 502, 504), r.text
         assert elapsed < DEADLINE_S + 2.0
+        # broken answers (500, malformed JSON) are retried and end on the real dynamic worker; only
+        # the stalled worker, once picked, costs the request its budget: a 504 naming it
         if r.status_code == 200:
             body = r.json()
             assert body["output"].startswith("CLAIM status=") and body["degraded"]
             paths.append(body["routing_path"])
         else:
-            assert r.json()["error"]["message"]
+            assert r.status_code == 504, r.text
+            assert r.json()["error"]["worker"] == "stalled", r.text
     retried = [p for p in paths if any(":http_500" in step or ":bad_response" in step for step in p)]
     assert retried, "broken answers must be retried on another replica"
     assert httpx.get(f"{stack.url}/health/live").status_code == 200
@@ -273,8 +275,9 @@ def test_auth_is_enforced_and_secrets_stay_out_of_logs(stack: Stack, figures: di
         r = httpx.post(f"{stack.url}/classify", json=body, timeout=30, **kwargs)
         assert r.status_code == 401, (name, r.status_code)
     worker = stack.workers["merged-calendar-b"]
-    r = httpx.post(f"{worker.url}/infer", json={**body, "adapter": "calendar", "expert": None}, timeout=30)
-    assert r.status_code in (401, 422)
+    valid = {"image_b64": body["image_b64"], "prompt": body["prompt"], "adapter": "calendar"}
+    r = httpx.post(f"{worker.url}/infer", json=valid, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert r.status_code == 401, "a worker must refuse a wrong worker token"
     r = httpx.post(
         f"{worker.url}/infer",
         json={"image_b64": body["image_b64"], "prompt": body["prompt"], "adapter": "calendar"},

@@ -1,0 +1,87 @@
+"""The architecture's walls and its map: import rules between the packages, and docs/architecture.md
+naming only files and functions that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs/architecture.md"
+
+# package -> packages of this repo it must never import
+FORBIDDEN = {
+    "shared": {"worker", "coordinator", "mole", "benchmarks", "modal_deploy"},
+    "worker": {"coordinator", "mole", "benchmarks", "modal_deploy"},
+    "coordinator": {"worker", "mole", "benchmarks", "modal_deploy"},
+    "mole": {"benchmarks"},
+}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_rules_hold(package: str) -> None:
+    offenders = {
+        str(path.relative_to(REPO)): sorted(_imported_roots(path) & FORBIDDEN[package])
+        for path in (REPO / package).rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_run_time_modules_stay_small() -> None:
+    """No module of the services or shared/ grows past ~450 lines: split it by concern."""
+    long = {
+        str(p.relative_to(REPO)): n
+        for package in ("shared", "worker", "coordinator")
+        for p in (REPO / package).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 460
+    }
+    assert not long
+
+
+def _rows() -> list[tuple[list[str], list[str]]]:
+    """(files, names) of every table row of the doc whose cells name ``.py`` files."""
+    rows = []
+    for line in DOC.read_text().splitlines():
+        if not line.startswith("|"):
+            continue
+        ticks = re.findall(r"`([^`]+)`", line)
+        files = [t for t in ticks if t.endswith(".py")]
+        if files:
+            rows.append((files, [t for t in ticks if not t.endswith(".py") and "/" not in t]))
+    return rows
+
+
+def test_architecture_doc_names_only_files_and_functions_that_exist() -> None:
+    rows = _rows()
+    assert len(rows) > 10
+    for files, names in rows:
+        text = ""
+        for f in files:
+            assert (REPO / f).is_file(), f"docs/architecture.md names {f}, which does not exist"
+            text += (REPO / f).read_text()
+        for name in names:
+            for part in re.split(r"\s*→\s*", name):
+                ident = part.split(".")[-1].strip("()")
+                assert re.search(rf"(def|class) {re.escape(ident)}\b|^{re.escape(ident)}\b", text, re.M), (
+                    f"docs/architecture.md names {part} in {files}, which is not defined there"
+                )
+
+
+def test_no_code_comment_points_at_a_file_outside_the_repo() -> None:
+    """Comments and docstrings cite only files in this repository (``design.md`` is not one)."""
+    for package in ("shared", "worker", "coordinator", "mole", "modal_deploy", "benchmarks"):
+        for path in (REPO / package).rglob("*.py"):
+            assert "design.md" not in path.read_text(), path
