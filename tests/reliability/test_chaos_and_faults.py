@@ -235,6 +235,8 @@ def test_broken_and_stalled_workers_never_crash_the_coordinator(stack: Stack, fi
     dynamic worker also holds it. Broken answers are retried elsewhere; a stall is a 504 within the
     deadline; nothing hangs and the coordinator keeps serving."""
     sample = synthetic.make_samples(1, seed=6, kinds=("claim",))[0]
+    # the dynamic fallback must be up (an earlier test restarts it); without it the answer is a 502
+    _wait(lambda: _workers(stack)["dynamic-0"]["state"] == "up", timeout=PROBE_S * 10)
     outcomes = []
     paths = []
     for _ in range(6):
