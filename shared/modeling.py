@@ -146,14 +146,31 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None)
     )
 
 
-def encode_batch(processor: Any, images: Sequence[Image], texts: Sequence[str], device: str) -> dict:
+def image_size(processor: Any, max_pixels: int | None) -> dict[str, int] | None:
+    """The image processor's ``size`` with its pixel budget lowered to ``max_pixels`` (None: the
+    checkpoint's own). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and at least
+    ``shortest_edge``), so this bounds the visual tokens of one image to about
+    ``max_pixels / (patch_size * merge_size)**2``."""
+    if max_pixels is None:
+        return None
+    size = processor.image_processor.size
+    low = getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
+    return {"shortest_edge": min(int(low), max_pixels), "longest_edge": max_pixels}
+
+
+def encode_batch(
+    processor: Any, images: Sequence[Image], texts: Sequence[str], device: str, *, max_pixels: int | None = None
+) -> dict:
     """Tokenize templated texts with their images into one left-padded batch on ``device``.
 
-    An image the image processor cannot handle (e.g. an extreme aspect ratio) raises
+    ``max_pixels`` lowers the image budget below the checkpoint's (see :func:`image_size`). An
+    image the image processor cannot handle (e.g. an extreme aspect ratio) raises
     :class:`~shared.errors.InvalidInput` naming ``image_b64``.
     """
+    size = image_size(processor, max_pixels)
+    extra: dict[str, Any] = {"size": size} if size is not None else {}
     try:
-        batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
+        batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True, **extra)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"image_b64: the model's image processor rejected the image: {exc}") from exc
     return {k: v.to(device) for k, v in batch.items()}
@@ -244,12 +261,15 @@ def next_token_logits(
     texts: Sequence[str],
     *,
     adapter_names: Sequence[str] | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
-    """One forward pass: the logits of the first answer token for each row, float32 ``[batch, vocab]``."""
+    """One forward pass: the logits of the first answer token for each row, float32 ``[batch, vocab]``.
+
+    ``max_pixels``: the image budget of this forward (None: the checkpoint's)."""
     import torch
 
     device = str(next(model.parameters()).device)
-    batch = encode_batch(processor, images, texts, device)
+    batch = encode_batch(processor, images, texts, device, max_pixels=max_pixels)
     kwargs: dict[str, Any] = {}
     if adapter_names is not None:
         kwargs["adapter_names"] = list(adapter_names)
