@@ -5,7 +5,7 @@ One process, one model: the base Qwen3-VL with the router LoRA and every expert 
 
 1. route by generate-and-parse: ``set_adapter("router")``, greedy-generate a few tokens, parse the
    label out of the text (an unparseable answer falls back to the first label's adapter);
-2. ``set_adapter(expert)`` and generate the answer at batch size 1 with the LoRA unmerged.
+2. ``set_adapter(adapter)`` and generate the answer at batch size 1 with the LoRA unmerged.
 
 It also offers the two router variants side by side (:meth:`route_generate` and
 :meth:`route_forward`, the coordinator's single forward + softmax over the label tokens) and a
@@ -29,7 +29,9 @@ _LABEL = re.compile(r"\S+")
 
 
 @dataclass(frozen=True)
-class Served:
+class BaselineAnswer:
+    """One request served by the original design: the adapter it routed to and what it generated."""
+
     adapter: str
     label_parsed: bool  # False: the router's text held no known label (fallback adapter served)
     generated: Generated
@@ -116,7 +118,7 @@ class OriginalServer:
                 self.model, self.processor, [image], [text], GenerationParams(max_new_tokens=max_new_tokens)
             )[0]
 
-    def handle(self, image: Any, prompt: str, max_new_tokens: int) -> Served:
+    def handle(self, image: Any, prompt: str, max_new_tokens: int) -> BaselineAnswer:
         """One request of the original design: route by generate-and-parse, then serve it."""
         from shared.modeling import generate, render_prompt
 
@@ -128,4 +130,4 @@ class OriginalServer:
             out = generate(
                 self.model, self.processor, [image], [text], GenerationParams(max_new_tokens=max_new_tokens)
             )[0]
-        return Served(adapter, parsed, out)
+        return BaselineAnswer(adapter, parsed, out)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.core import Call, Run, side_by_side
 from shared import synthetic
 from shared.images import encode_image_b64
-from shared.mapping import MoleMapping, load_mapping, parse_mapping
+from shared.mapping import MoleMapping, current_keys, load_mapping, parse_mapping
 from shared.schemas import InferRequest
 from shared.settings import Settings
 
@@ -150,12 +150,12 @@ class BenchContext:
     def bench_mapping(self, workers: list[dict[str, Any]], aliases: int = 0) -> MoleMapping:
         """The demo mapping plus ``aliases`` alias adapters and extra in-process ``workers``
         (``{"id", "mode", "adapters", "model"?}``; URLs are placeholders, nothing listens there)."""
-        doc = json.loads((self.options.assets / "expert_machine_mapping.json").read_text())
+        doc = current_keys(json.loads((self.options.assets / "expert_machine_mapping.json").read_text()))
         for alias, source in alias_names(aliases).items():
             doc["adapters"][alias] = {
                 **doc["adapters"][source],
                 "label": None,
-                "mode": "dynamic",
+                "hot": False,
                 "merged": None,
             }
         for w in workers:

@@ -1,7 +1,7 @@
 """Scenario 4: the whole system against the original single-server design, on the same machine.
 
 - **baseline**: the original design in-process (:class:`benchmarks.baseline.OriginalServer`): decode
-  the image, route by generate-and-parse with the router LoRA, ``set_adapter(expert)``, generate; one
+  the image, route by generate-and-parse with the router LoRA, ``set_adapter(adapter)``, generate; one
   request at a time. Given its better torch thread count (1 or 2, measured first).
 - **mole**: ``POST /classify`` on a real ``mole coordinator`` process (router = one forward, batched)
   dispatching over loopback HTTP to the real worker processes ``merged-calendar``, ``merged-claim``
@@ -74,8 +74,8 @@ async def run(ctx: BenchContext) -> Section:
         image = decode_image(
             inp.image_b64, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
-        served = original.handle(image, inp.prompt, MAX_NEW_TOKENS)
-        return served.adapter, served.generated.text
+        answer = original.handle(image, inp.prompt, MAX_NEW_TOKENS)
+        return answer.adapter, answer.generated.text
 
     # the baseline gets its better thread count (it is one process; mole's processes use --threads)
     cuda = ctx.options.device.startswith("cuda")
@@ -146,7 +146,7 @@ async def run(ctx: BenchContext) -> Section:
     section.method = (
         "**Baseline** — the original single-server design reproduced in-process: one `PeftModel` with the "
         "router LoRA and the expert LoRAs; per request: decode the image, `set_adapter('router')` and "
-        "generate-and-parse the label, `set_adapter(expert)`, generate; one request at a time (a lock), "
+        "generate-and-parse the label, `set_adapter(adapter)`, generate; one request at a time (a lock), "
         f"torch threads = {baseline_threads}"
         + (
             " (the better of 1 and 2, measured first: "

@@ -13,7 +13,7 @@ from typing import Any
 
 import modal
 
-from modal_deploy.serving import Served, load
+from modal_deploy.serving import ContainerApp, load
 from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, spec_from_env
 
 REPO = Path(__file__).resolve().parent.parent  # local checkout (deploy time only)
@@ -55,12 +55,12 @@ class Service:
     @modal.enter()
     def load(self) -> None:
         """Once per container: build the service; a worker loads its model before taking traffic."""
-        self.served: Served = load(SPEC)
+        self.container_app: ContainerApp = load(SPEC)
 
     @modal.exit()
     def drain(self) -> None:
-        self.served.close()
+        self.container_app.close()
 
     @modal.asgi_app(label=SPEC.name, requires_proxy_auth=SPEC.requires_proxy_auth)
     def web(self) -> Any:
-        return self.served
+        return self.container_app

@@ -26,7 +26,7 @@ class ASGIApp(Protocol):
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None: ...
 
 
-class Served:
+class ContainerApp:
     """An ASGI app ready to hand to ``@modal.asgi_app`` and the ``close()`` to call on exit."""
 
     def __init__(self, asgi: ASGIApp, lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None):
@@ -61,7 +61,7 @@ class Served:
 
 def load(
     spec: AppSpec, mapping_path: str | Path = MAPPING_IN_IMAGE, *, timeout_s: float | None = None
-) -> Served:
+) -> ContainerApp:
     """Build ``spec``'s service from the mapping; for a worker, load its model and return once it
     is ready (``RuntimeError`` when loading fails, the token is missing, or ``timeout_s`` passes)."""
     from shared.mapping import load_mapping
@@ -73,23 +73,23 @@ def load(
     if spec.role == "coordinator":
         from coordinator.app import create_app as create_coordinator
 
-        return Served(create_coordinator(settings, Path(mapping_path)))
+        return ContainerApp(create_coordinator(settings, Path(mapping_path)))
 
     from worker.app import create_app as create_worker
 
     assert spec.worker_id is not None
     app = create_worker(settings, load_mapping(mapping_path), spec.worker_id)
-    served = Served(app, app.router.lifespan_context(app))
-    served.start()
+    container_app = ContainerApp(app, app.router.lifespan_context(app))
+    container_app.start()
     budget = timeout_s if timeout_s is not None else spec.startup_timeout_s
     deadline = time.monotonic() + budget
     service = app.state.service
     while service.state not in ("ready", "failed"):
         if time.monotonic() > deadline:
-            served.close()
+            container_app.close()
             raise RuntimeError(f"worker {spec.worker_id} not ready after {budget:.0f}s")
         time.sleep(POLL_S)
     if service.state == "failed":
-        served.close()
+        container_app.close()
         raise RuntimeError(f"worker {spec.worker_id} failed to load: {service.load_error}")
-    return served
+    return container_app

@@ -137,7 +137,7 @@ def build_specs(
     weight path outside the volumes, an app name used twice.
     """
     source = str(mapping.source_path) if mapping.source_path is not None else ""
-    timeout = int(mapping.routing.request_timeout_s) + 30
+    timeout = int(mapping.dispatch.request_timeout_s) + 30
     specs: list[AppSpec] = []
     problems: list[str] = []
     for i, w in enumerate(mapping.workers):
@@ -215,7 +215,7 @@ def _coordinator_spec(
         scaledown_window_s=scaling["scaledown_window_s"],
         max_concurrency=scaling["max_concurrency"],
         requires_proxy_auth=proxy_auth,
-        timeout_s=int(mapping.routing.request_timeout_s) + 30,
+        timeout_s=int(mapping.dispatch.request_timeout_s) + 30,
         startup_timeout_s=STARTUP_TIMEOUT_S,
         env=env,
         mapping_path=str(mapping.source_path or ""),

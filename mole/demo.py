@@ -20,14 +20,14 @@ import httpx
 from shared import synthetic
 from shared.images import encode_image_b64
 
-SAMPLES_PER_EXPERT = 2
+SAMPLES_PER_KIND = 2  # held-out screens per screen kind (one kind per adapter)
 
 
 @dataclass
 class Case:
-    expected: str  # the expert that should answer
+    expected: str  # the adapter that should answer (by name)
     sample: synthetic.Sample
-    expert: str | int | None = None  # explicit override
+    expert: str | int | None = None  # the request's explicit "expert" (adapter name or label)
     prefer_merged: bool | None = None
     note: str = "routed"
 
@@ -55,7 +55,7 @@ class Outcome:
 
 
 def build_cases(seed: int = 2026) -> list[Case]:
-    samples = synthetic.make_samples(len(synthetic.KINDS) * SAMPLES_PER_EXPERT, seed=seed)
+    samples = synthetic.make_samples(len(synthetic.KINDS) * SAMPLES_PER_KIND, seed=seed)
     cases = [Case(s.kind, s) for s in samples]
     login = next(s for s in samples if s.kind == "login")
     calendar = next(s for s in samples if s.kind == "calendar")

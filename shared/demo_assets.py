@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import synthetic
+from shared.mapping import current_keys
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def write_demo_mapping(out: Path, recipe: Recipe, base_port: int = BASE_PORT) ->
             name: {
                 "label": str(i),
                 "lora": f"loras/{name}/adapter",
-                "mode": "merged" if name in HOT_EXPERTS else "dynamic",
+                "hot": name in HOT_EXPERTS,
                 "merged": f"merged/{name}" if name in HOT_EXPERTS else None,
                 "max_new_tokens": 16,
                 "description": f"synthetic {name} screenshots",
@@ -349,7 +350,7 @@ def write_demo_mapping(out: Path, recipe: Recipe, base_port: int = BASE_PORT) ->
             for i, name in enumerate(experts)
         },
         "workers": workers,
-        "routing": {"prefer_merged": True, "fallback_to_dynamic": True},
+        "dispatch": {"prefer_merged": True, "fallback_to_dynamic": True},
     }
     path = out / "expert_machine_mapping.json"
     path.write_text(json.dumps(mapping, indent=2) + "\n")
@@ -367,14 +368,15 @@ def free_port() -> int:
 
 def relocated_mapping(assets: Path, out: Path, **top: Any) -> Path:
     """Write the demo mapping to the file ``out`` with absolute paths into ``assets`` and fresh
-    loopback ports, so several stacks can run side by side. ``top`` replaces top-level keys."""
+    loopback ports, so several stacks can run side by side. Old key names are renamed to today's
+    (assets built before the rename), then ``top`` replaces top-level keys."""
 
     def absolute(value: Any) -> Any:
         if isinstance(value, str) and not value.startswith("/") and "://" not in value:
             return str(Path(assets).resolve() / value)
         return value
 
-    doc = json.loads((Path(assets) / "expert_machine_mapping.json").read_text())
+    doc = current_keys(json.loads((Path(assets) / "expert_machine_mapping.json").read_text()))
     doc["base_model"] = absolute(doc["base_model"])
     doc["router"]["adapter"] = absolute(doc["router"]["adapter"])
     for spec in doc["adapters"].values():

@@ -24,7 +24,7 @@ _PATH_KEYS = ("lora", "merged", "model", "discover", "adapter")
 def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json", **top: Any) -> Path:
     """Copy the demo mapping to ``out_dir`` with absolute paths and fresh loopback ports.
 
-    Keyword arguments replace top-level keys (e.g. ``routing={...}``) after the rewrite.
+    Keyword arguments replace top-level keys (e.g. ``dispatch={...}``) after the rewrite.
     """
     return relocated_mapping(assets, out_dir / name, **top)
 

@@ -38,8 +38,8 @@ from shared.settings import Settings
 API_KEY = "test-key"
 WORKER_TOKEN = "worker-secret"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-WORKER_TIMEOUT_S = 5.0  # routing.request_timeout_s: the hanging worker's 504 comes after this
-ROUTING = {
+WORKER_TIMEOUT_S = 5.0  # dispatch.request_timeout_s: the hanging worker's 504 comes after this
+DISPATCH = {
     "prefer_merged": True,
     "fallback_to_dynamic": True,
     "connect_timeout_s": 1.0,
@@ -76,11 +76,11 @@ class Stack:
 def _write_mapping(assets: Path, out_dir: Path, hang_port: int, ghost_port: int) -> Path:
     """The demo mapping plus two unlabeled adapters: "slow" on a hanging worker and "ghost" on a
     worker that is never started."""
-    path = demo_mapping_copy(assets, out_dir, routing=ROUTING)
+    path = demo_mapping_copy(assets, out_dir, dispatch=DISPATCH)
     doc = json.loads(path.read_text())
     login_lora = doc["adapters"]["login"]["lora"]
     for name, wid, port in (("slow", "hang-0", hang_port), ("ghost", "ghost-0", ghost_port)):
-        doc["adapters"][name] = {"lora": login_lora, "mode": "dynamic", "description": f"test {name}"}
+        doc["adapters"][name] = {"lora": login_lora, "description": f"test {name}"}
         doc["workers"].append(
             {"id": wid, "url": f"http://127.0.0.1:{port}", "mode": "dynamic", "adapters": [name]}
         )

@@ -40,13 +40,13 @@ from shared.schemas import DEADLINE_HEADER, AdapterInfo, InferRequest, InferResp
 Outcome = Exception | None  # None: answer successfully
 
 
-def make_mapping(tmp_path: Path, **routing: Any) -> MoleMapping:
+def make_mapping(tmp_path: Path, **dispatch: Any) -> MoleMapping:
     doc = {
         "base_model": "base",
         "router": {"adapter": "router", "labels": {"0": "calendar", "1": "login"}},
         "adapters": {
-            "calendar": {"label": "0", "lora": "l/cal", "mode": "merged", "merged": "m/cal"},
-            "login": {"label": "1", "lora": "l/login", "mode": "dynamic"},
+            "calendar": {"label": "0", "lora": "l/cal", "hot": True, "merged": "m/cal"},
+            "login": {"label": "1", "lora": "l/login"},
         },
         "workers": [
             {"id": "merged-a", "url": "http://127.0.0.1:9001", "mode": "merged", "adapters": ["calendar"]},
@@ -58,7 +58,7 @@ def make_mapping(tmp_path: Path, **routing: Any) -> MoleMapping:
                 "adapters": ["calendar", "login"],
             },
         ],
-        "routing": {"eject_after_failures": 2, "eject_base_s": 30.0, **routing},
+        "dispatch": {"eject_after_failures": 2, "eject_base_s": 30.0, **dispatch},
     }
     return parse_mapping(doc, base_dir=tmp_path, env={})
 

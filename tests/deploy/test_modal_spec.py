@@ -14,7 +14,7 @@ import httpx
 import pytest
 from support import REPO, demo_mapping_copy
 
-from modal_deploy.serving import Served, load
+from modal_deploy.serving import ContainerApp, load
 from modal_deploy.spec import (
     CONTAINER_ENV,
     SPEC_ENV,
@@ -144,16 +144,16 @@ def test_container_loads_the_worker_before_serving(
     mapping = demo_mapping_copy(demo_assets, tmp_path)
     base = build_specs(load_for_modal(str(MAPPING), environ={}), coordinator=False)[0]
     spec = base.model_copy(update={"worker_id": "merged-calendar"})
-    served = load(spec, mapping, timeout_s=120)
+    container_app = load(spec, mapping, timeout_s=120)
     try:
-        statuses = asyncio.run(_exercise(served))
+        statuses = asyncio.run(_exercise(container_app))
         assert statuses == {"ready": 200, "infer_without_token": 401, "lifespan": "ok"}
     finally:
-        served.close()
+        container_app.close()
 
 
-async def _exercise(served: Served) -> dict[str, Any]:
-    transport = httpx.ASGITransport(app=served)  # type: ignore[arg-type]
+async def _exercise(container_app: ContainerApp) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=container_app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://modal") as client:
         ready = (await client.get("/health/ready")).status_code
         infer = (
@@ -168,6 +168,6 @@ async def _exercise(served: Served) -> dict[str, Any]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message["type"])
 
-    await served({"type": "lifespan"}, receive, send)
+    await container_app({"type": "lifespan"}, receive, send)
     ok = sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     return {"ready": ready, "infer_without_token": infer, "lifespan": "ok" if ok else sent}

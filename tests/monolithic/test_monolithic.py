@@ -27,8 +27,8 @@ from shared.mapping import load_mapping
 from shared.modeling import weights_hash
 
 WORKER_ID = "dynamic-0"
-EXPERTS = {"calendar", "claim", "login", "desktop"}
-ROUTING = {"probe_interval_s": 0.3, "request_timeout_s": 30.0}
+ADAPTERS = {"calendar", "claim", "login", "desktop"}
+DISPATCH = {"probe_interval_s": 0.3, "request_timeout_s": 30.0}
 ENV = {"MOLE_LOG_JSON": "false", "MOLE_LOG_LEVEL": "INFO"}
 
 
@@ -53,9 +53,9 @@ def mono(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "id": WORKER_ID,
         "url": f"http://127.0.0.1:{free_port()}",  # nothing listens there: the worker is in-process
         "mode": "dynamic",
-        "adapters": sorted(EXPERTS),
+        "adapters": sorted(ADAPTERS),
     }
-    mapping = demo_mapping_copy(demo_assets, root, monolithic=True, workers=[dynamic], routing=ROUTING)
+    mapping = demo_mapping_copy(demo_assets, root, monolithic=True, workers=[dynamic], dispatch=DISPATCH)
     proc = coordinator_process(mapping, root, env=ENV)
     try:
         proc.wait_ready(90)
@@ -101,14 +101,14 @@ def test_workers_lists_the_in_process_worker_as_up(mono: Mono) -> None:
     row = workers[0]
     assert (row["state"], row["mode"], row["available"]) == ("up", "dynamic", True)
     reported = {a["name"]: a["sha256"] for a in row["reported_adapters"]}
-    assert set(reported) == EXPERTS and row["missing_adapters"] == [] and row["extra_adapters"] == []
+    assert set(reported) == ADAPTERS and row["missing_adapters"] == [] and row["extra_adapters"] == []
     assert reported["login"] == weights_hash(mono.assets / "loras/login/adapter")
     assert ready["workers_up"] == 1
 
 
 def test_concurrent_requests_match_sequential_ones(mono: Mono) -> None:
     samples = synthetic.make_samples(16, seed=515)
-    bodies = [_body(s) if i % 2 else _body(s, expert=sorted(EXPERTS)[i % 4]) for i, s in enumerate(samples)]
+    bodies = [_body(s) if i % 2 else _body(s, expert=sorted(ADAPTERS)[i % 4]) for i, s in enumerate(samples)]
     with mono.client() as client:
         alone = [client.post("/classify", json=b).json() for b in bodies]
 

@@ -36,8 +36,8 @@ from shared.images import encode_image_b64
 
 API_KEY = "client-key-123"
 WORKER_TOKEN = "worker-token-456"
-PROBE_S = 0.5  # routing.probe_interval_s
-DEADLINE_S = 4.0  # routing.request_timeout_s
+PROBE_S = 0.5  # dispatch.probe_interval_s
+DEADLINE_S = 4.0  # dispatch.request_timeout_s
 CHAOS_REQUESTS = 600 if LONG else 200
 
 
@@ -71,7 +71,7 @@ def _mapping(assets: Path, out: Path, fake_ports: dict[str, int]) -> Path:
         for wid, port in fake_ports.items()
     ]
     doc["workers"] = [merged, b, dynamic, *fakes]
-    doc["routing"] = {
+    doc["dispatch"] = {
         "probe_interval_s": PROBE_S,
         "request_timeout_s": DEADLINE_S,
         "connect_timeout_s": 1.0,

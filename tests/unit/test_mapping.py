@@ -1,4 +1,5 @@
-"""Mapping loader/validator: env expansion, path resolution, every cross-entry error, lookups."""
+"""Mapping loader/validator: env expansion, path resolution, every cross-entry error, old key names,
+lookups."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 
 from shared.errors import AdapterNotFound, ConfigError
 from shared.mapping import (
+    DispatchPolicy,
     MoleMapping,
+    current_keys,
     discover_adapters,
     expand_env,
     is_local_url,
@@ -38,10 +41,10 @@ def base_doc() -> dict[str, Any]:
             "calendar": {
                 "label": "0",
                 "lora": "loras/calendar/adapter",
-                "mode": "merged",
+                "hot": True,
                 "merged": "merged/calendar",
             },
-            "claim": {"label": "1", "lora": "loras/claim/adapter", "mode": "dynamic"},
+            "claim": {"label": "1", "lora": "loras/claim/adapter", "hot": False},
         },
         "workers": [
             {
@@ -241,12 +244,12 @@ def test_duplicate_worker_id_and_bad_id(tmp_path: Path) -> None:
 
 def test_pydantic_errors_carry_json_path(tmp_path: Path) -> None:
     doc = base_doc()
-    doc["adapters"]["claim"]["mode"] = "hot"
-    doc["routing"] = {"retries": -1}
+    doc["adapters"]["claim"]["hot"] = "very"
+    doc["dispatch"] = {"retries": -1}
     doc["workers"][0]["extra_field"] = 1
     message = load_error(tmp_path, doc)
-    assert 'adapters "claim".mode' in message and "'hot'" in message
-    assert "routing.retries" in message
+    assert 'adapters "claim".hot' in message and "'very'" in message
+    assert "dispatch.retries" in message
     assert 'workers[0] "merged-calendar".extra_field' in message
 
 
@@ -283,6 +286,103 @@ def test_merged_worker_without_model(tmp_path: Path) -> None:
     assert m.worker("merged-calendar").model == str(tmp_path / "some" / "standalone")
 
 
+# --- old key names --------------------------------------------------------------------------------
+
+
+def old_doc() -> dict[str, Any]:
+    """:func:`base_doc` as files were written before the renames: ``routing`` and adapter ``mode``."""
+    doc = base_doc()
+    doc["adapters"]["calendar"]["mode"] = "merged"
+    del doc["adapters"]["calendar"]["hot"]
+    doc["adapters"]["claim"]["mode"] = "dynamic"
+    del doc["adapters"]["claim"]["hot"]
+    doc["routing"] = {"prefer_merged": False, "retries": 3, "probe_interval_s": 0.5}
+    return doc
+
+
+def new_doc() -> dict[str, Any]:
+    doc = base_doc()
+    doc["dispatch"] = {"prefer_merged": False, "retries": 3, "probe_interval_s": 0.5}
+    return doc
+
+
+def test_old_key_names_parse_to_the_same_mapping(tmp_path: Path) -> None:
+    old = parse_mapping(old_doc(), base_dir=tmp_path, env={})
+    new = parse_mapping(new_doc(), base_dir=tmp_path, env={})
+    assert old.model_dump() == new.model_dump()
+    assert old.dispatch.retries == 3 and old.dispatch.prefer_merged is False
+    assert (old.adapters["calendar"].hot, old.adapters["claim"].hot) == (True, False)
+
+
+def test_current_keys_renames_without_touching_the_input(tmp_path: Path) -> None:
+    doc = old_doc()
+    before = copy.deepcopy(doc)
+    renamed = current_keys(doc)
+    assert doc == before
+    assert "routing" not in renamed and renamed["dispatch"] == doc["routing"]
+    assert renamed["adapters"]["calendar"]["hot"] is True and "mode" not in renamed["adapters"]["calendar"]
+    assert current_keys(new_doc()) == new_doc()
+    new = parse_mapping(new_doc(), base_dir=tmp_path, env={})
+    assert parse_mapping(renamed, base_dir=tmp_path, env={}) == new
+
+
+def test_a_key_under_its_old_and_its_new_name_is_rejected(tmp_path: Path) -> None:
+    both_sections = {**new_doc(), "routing": {"retries": 1}}
+    assert '"routing" is the old name of "dispatch"; give only "dispatch"' in load_error(
+        tmp_path, both_sections
+    )
+    both_keys = base_doc()
+    both_keys["adapters"]["claim"]["mode"] = "dynamic"
+    assert 'adapters "claim": "mode" is the old name of "hot"; give only "hot"' in load_error(
+        tmp_path, both_keys
+    )
+
+
+def test_old_mode_value_must_be_merged_or_dynamic(tmp_path: Path) -> None:
+    doc = old_doc()
+    doc["adapters"]["claim"]["mode"] = "hot"
+    message = load_error(tmp_path, doc)
+    assert 'adapters "claim": "mode" (the old name of "hot") must be "merged" or "dynamic"' in message
+    assert "got 'hot'" in message
+
+
+def test_errors_in_an_old_section_name_it(tmp_path: Path) -> None:
+    doc = old_doc()
+    doc["routing"]["retries"] = -1
+    assert "routing.retries" in load_error(tmp_path, doc)
+
+
+def test_retry_budget_defaults() -> None:
+    p = DispatchPolicy()
+    assert (p.retry_budget_ratio, p.retry_budget_floor, p.retry_budget_window_s) == (0.2, 10, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("retry_budget_ratio", -0.1),
+        ("retry_budget_ratio", 1.5),
+        ("retry_budget_floor", -1),
+        ("retry_budget_floor", 2.5),
+        ("retry_budget_window_s", 0),
+        ("retry_budget_window_s", -1.0),
+    ],
+)
+def test_retry_budget_ranges(tmp_path: Path, key: str, value: float) -> None:
+    doc = new_doc()
+    doc["dispatch"][key] = value
+    assert f"dispatch.{key}" in load_error(tmp_path, doc)
+
+
+def test_retry_budget_edges_are_valid(tmp_path: Path) -> None:
+    doc = new_doc()
+    doc["dispatch"].update(retry_budget_ratio=0.0, retry_budget_floor=0, retry_budget_window_s=0.5)
+    m = parse_mapping(doc, base_dir=tmp_path, env={})
+    assert (m.dispatch.retry_budget_ratio, m.dispatch.retry_budget_floor) == (0.0, 0)
+    doc["dispatch"]["retry_budget_ratio"] = 1.0
+    assert parse_mapping(doc, base_dir=tmp_path, env={}).dispatch.retry_budget_ratio == 1.0
+
+
 # --- lookups --------------------------------------------------------------------------------------
 
 
@@ -297,10 +397,10 @@ def test_adapter_for_name_label_and_int(mapping: MoleMapping) -> None:
     assert mapping.adapter_for(0) == "calendar"
 
 
-@pytest.mark.parametrize("expert", ["nope", 7, True])
-def test_adapter_for_unknown(mapping: MoleMapping, expert: str | int) -> None:
+@pytest.mark.parametrize("name_or_label", ["nope", 7, True])
+def test_adapter_for_unknown(mapping: MoleMapping, name_or_label: str | int) -> None:
     with pytest.raises(AdapterNotFound) as info:
-        mapping.adapter_for(expert)
+        mapping.adapter_for(name_or_label)
     assert info.value.status == 404
     assert info.value.details["adapters"] == ["calendar", "claim"]
     assert info.value.details["labels"] == ["0", "1"]
@@ -315,7 +415,8 @@ def test_workers_and_routing_table(mapping: MoleMapping) -> None:
     ]
     table = mapping.format_routing_table()
     lines = table.splitlines()
-    assert lines[0].split() == ["LABEL", "ADAPTER", "MODE", "MIN_CONF", "WORKERS"]
+    assert lines[0].split() == ["LABEL", "ADAPTER", "HOT", "MIN_CONF", "WORKERS"]
+    assert lines[1].split()[:3] == ["0", "calendar", "yes"] and lines[2].split()[:3] == ["1", "claim", "no"]
     assert lines[1].index("calendar") == lines[2].index("claim")  # aligned columns
     assert "0.60" in lines[2]
     assert mapping.router.threshold("1") == 0.6 and mapping.router.threshold("0") == 0.0
@@ -346,12 +447,13 @@ def test_production_mapping_loads_with_defaults() -> None:
     assert m.base_model == "/models/Qwen3-VL-8B-Instruct"
     assert m.router.adapter == "/vol/loras/router/adapter"
     assert [label for label, _, _ in m.routing_table()] == ["0", "1", "2", "3"]
-    assert {a: s.mode for a, s in m.adapters.items()} == {
-        "calendar": "merged",
-        "claim": "merged",
-        "login": "dynamic",
-        "desktop": "dynamic",
+    assert {a: s.hot for a, s in m.adapters.items()} == {
+        "calendar": True,
+        "claim": True,
+        "login": False,
+        "desktop": False,
     }
+    assert m.dispatch == DispatchPolicy()  # the example spells out every default
     assert [w.id for w in m.workers] == ["merged-calendar", "merged-claim", "dynamic-0"]
     assert m.worker("merged-claim").url == "http://worker-merged-claim:8000"
     assert m.worker("dynamic-0").discover == "/vol/loras"

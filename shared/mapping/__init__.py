@@ -1,0 +1,44 @@
+"""The expert-machine mapping: which adapters the router's labels name, and which workers hold them.
+
+:mod:`shared.mapping.schema` is the file's shape and the lookups on it, :mod:`shared.mapping.checks`
+the rules that tie entries together, :mod:`shared.mapping.load` reading a file into a checked
+:class:`MoleMapping`. Import the names from here.
+"""
+
+from shared.mapping.load import expand_env, load_mapping, parse_mapping
+from shared.mapping.schema import (
+    LOCAL_HOSTS,
+    WORKER_ID_PATTERN,
+    AdapterSpec,
+    CoordinatorSpec,
+    DispatchPolicy,
+    MoleMapping,
+    RouterSpec,
+    RoutingSpec,  # compat: remove once coordinator/ uses the new name
+    WorkerSpec,
+    current_keys,
+    discover_adapters,
+    is_local_url,
+    url_host,
+    url_port,
+)
+
+__all__ = [
+    "LOCAL_HOSTS",
+    "WORKER_ID_PATTERN",
+    "AdapterSpec",
+    "CoordinatorSpec",
+    "DispatchPolicy",
+    "MoleMapping",
+    "RouterSpec",
+    "RoutingSpec",
+    "WorkerSpec",
+    "current_keys",
+    "discover_adapters",
+    "expand_env",
+    "is_local_url",
+    "load_mapping",
+    "parse_mapping",
+    "url_host",
+    "url_port",
+]
