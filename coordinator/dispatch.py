@@ -4,14 +4,14 @@ The dispatcher owns one :class:`~coordinator.replicas.Replica` per worker of the
 each through its :class:`~coordinator.backends.Backend`; the :class:`~coordinator.replicas.HealthProber`
 keeps their states current.
 
-Failure policy (the mapping's dispatch policy, ``routing`` in the file):
+Failure policy (the mapping's ``dispatch`` policy):
 - each replica takes at most ``max_concurrency`` requests at once (the mapping's worker field); a
   request whose replicas are all busy waits for a slot (bounded: ``max_waiting`` waiters, then 429),
   so a burst queues here instead of overrunning the workers' queues;
 - safe failures (see :class:`~coordinator.backends.Failure`) are retried (``retries``) on a
-  *different* replica, within a retry budget of 20% of recent requests (plus a small floor) so a
-  failing fleet gets no retry storm; then a dynamic worker holding the adapter serves when
-  ``fallback_to_dynamic`` (the answer is marked ``degraded``);
+  *different* replica, within a retry budget (``retry_budget_*``: by default 20% of the requests
+  of the last 10 s plus 10) so a failing fleet gets no retry storm; then a dynamic worker holding
+  the adapter serves when ``fallback_to_dynamic`` (the answer is marked ``degraded``);
 - a worker's other errors are the client's answer (:class:`~shared.errors.ForwardedError`);
 - a worker that does not answer within ``request_timeout_s`` (or the request's remaining budget) is
   a 504; when every attempt got a broken answer (500, unreadable) it is a 502; when nothing usable
@@ -41,7 +41,7 @@ from coordinator.backends import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.replicas import HealthProber, Replica, publish_up
 from shared.errors import ForwardedError, NoWorkerAvailable, Overloaded, WorkerError, WorkerTimeout
-from shared.mapping import MoleMapping, WorkerSpec
+from shared.mapping import DispatchPolicy, MoleMapping, WorkerSpec
 from shared.schemas import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class RetryBudget:
     Linkerd's default budget (20% over 10 s, with a floor) keeps a failing fleet from being hit
     by a retry storm while one failed replica's in-flight requests are still retried.
     """
+
+    @classmethod
+    def of(cls, policy: DispatchPolicy) -> RetryBudget:
+        """The budget the dispatch policy asks for."""
+        return cls(policy.retry_budget_ratio, policy.retry_budget_floor, policy.retry_budget_window_s)
 
     def __init__(self, ratio: float = 0.2, floor: int = 10, window_s: float = 10.0):
         self.ratio = ratio
@@ -118,7 +123,7 @@ class Dispatcher:
         self.max_waiting = max_waiting  # requests waiting for a replica slot before answering 429
         self.waiting = 0
         self._slot_freed = asyncio.Event()
-        self.budget = retry_budget or RetryBudget()
+        self.budget = retry_budget or RetryBudget.of(mapping.dispatch)
         self.prober = HealthProber(self.replicas, metrics)
         self.update(mapping)
 
@@ -135,6 +140,8 @@ class Dispatcher:
                 replicas[spec.id] = Replica(spec, self._factory(spec))
         for gone in self._replicas.keys() - replicas.keys():
             self._metrics.worker_up.remove(gone)
+        if self._mapping.dispatch != mapping.dispatch:
+            self.budget = RetryBudget.of(mapping.dispatch)  # a reload changed the policy
         self._mapping = mapping
         self._replicas = replicas
         for r in replicas.values():
@@ -163,7 +170,7 @@ class Dispatcher:
         merged = [r for r in holders if r.spec.mode == "merged"]
         dynamic = [r for r in holders if r.spec.mode == "dynamic"]
         if prefer_merged and merged:
-            return merged, dynamic if self._mapping.routing.fallback_to_dynamic else []
+            return merged, dynamic if self._mapping.dispatch.fallback_to_dynamic else []
         return dynamic + merged, []
 
     @staticmethod
@@ -250,7 +257,7 @@ class Dispatcher:
 
         ``deadline`` is the request's ``time.monotonic()`` budget end.
         """
-        policy = self._mapping.routing
+        policy = self._mapping.dispatch
         adapter = request.adapter
         primary, fallback = self.plan(adapter, prefer_merged)
         tried: list[dict[str, str]] = []
@@ -357,7 +364,7 @@ class Dispatcher:
         if down and replica.state != "down":
             replica.state = "down"  # fail over at once; the prober marks it up when it answers again
             logger.warning("worker unreachable, marked down", extra={"worker_id": replica.spec.id})
-        policy = self._mapping.routing
+        policy = self._mapping.dispatch
         now = time.monotonic()
         if replica.consecutive_failures >= policy.eject_after_failures and not replica.ejected(now):
             if self._is_last_replica(replica, now):

@@ -104,7 +104,7 @@ class CoordinatorService:
         metrics = CoordinatorMetrics()
         active = ActiveMapping(settings, mapping_path, metrics, router_model=router_model)
         first = await active.load()
-        policy = first.mapping.routing
+        policy = first.mapping.dispatch
         client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             timeout=httpx.Timeout(policy.request_timeout_s, connect=policy.connect_timeout_s),
@@ -118,7 +118,7 @@ class CoordinatorService:
         dispatcher = Dispatcher(first.mapping, backend_for, metrics, max_waiting=settings.max_waiting)
         self = cls(settings, active, dispatcher, metrics, client)
         self._prober = asyncio.create_task(
-            dispatcher.prober.run(lambda: self.active.current.mapping.routing.probe_interval_s),
+            dispatcher.prober.run(lambda: self.active.current.mapping.dispatch.probe_interval_s),
             name="worker-prober",
         )
         logger.info(
@@ -214,7 +214,7 @@ class CoordinatorService:
             top_p=sampling.top_p,
             seed=sampling.seed,
         )
-        prefer = req.prefer_merged if req.prefer_merged is not None else mapping.routing.prefer_merged
+        prefer = req.prefer_merged if req.prefer_merged is not None else mapping.dispatch.prefer_merged
         served = await self.dispatcher.dispatch(
             infer, prefer_merged=prefer, request_id=request_id, deadline=deadline
         )

@@ -159,7 +159,12 @@ def image_size(processor: Any, max_pixels: int | None) -> dict[str, int] | None:
 
 
 def encode_batch(
-    processor: Any, images: Sequence[Image], texts: Sequence[str], device: str, *, max_pixels: int | None = None
+    processor: Any,
+    images: Sequence[Image],
+    texts: Sequence[str],
+    device: str,
+    *,
+    max_pixels: int | None = None,
 ) -> dict:
     """Tokenize templated texts with their images into one left-padded batch on ``device``.
 

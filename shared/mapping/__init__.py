@@ -14,7 +14,6 @@ from shared.mapping.schema import (
     DispatchPolicy,
     MoleMapping,
     RouterSpec,
-    RoutingSpec,  # compat: remove once coordinator/ uses the new name
     WorkerSpec,
     current_keys,
     discover_adapters,
@@ -31,7 +30,6 @@ __all__ = [
     "DispatchPolicy",
     "MoleMapping",
     "RouterSpec",
-    "RoutingSpec",
     "WorkerSpec",
     "current_keys",
     "discover_adapters",

@@ -223,9 +223,6 @@ class DispatchPolicy(_Strict):
     eject_base_s: float = Field(default=30.0, ge=0)  # first ejection time; doubles on repeat
 
 
-RoutingSpec = DispatchPolicy  # compat: remove once coordinator/ uses the new name
-
-
 class MoleMapping(_Strict):
     """The validated mapping. Build it with :func:`~shared.mapping.load.load_mapping` (or
     :func:`~shared.mapping.load.parse_mapping`), which also check the invariants below.
@@ -254,11 +251,6 @@ class MoleMapping(_Strict):
     def _old_dispatch_key(cls, data: Any) -> Any:
         _only_one_name(data, "routing", "dispatch")
         return data
-
-    @property
-    def routing(self) -> DispatchPolicy:  # compat: remove once coordinator/ uses the new name
-        """Old name of :attr:`dispatch`."""
-        return self.dispatch
 
     # --- lookups ----------------------------------------------------------------------------------
 

@@ -516,3 +516,12 @@ def test_a_stale_loading_state_is_re_probed_before_giving_up(tmp_path: Path) -> 
     served = run(d, adapter="login")  # only dynamic-0 holds login; its health now says up
     assert served.worker_id == "dynamic-0" and dyn.state == "up"
     assert backends["dynamic-0"].calls == 1
+
+
+def test_retry_budget_comes_from_the_dispatch_policy(tmp_path: Path) -> None:
+    mapping = make_mapping(tmp_path, retry_budget_ratio=0.0, retry_budget_floor=0)
+    d, backends = make_dispatcher(mapping, {"merged-a": [AttemptFailed("http_503")]})
+    with pytest.raises(NoWorkerAvailable) as err:
+        run(d)
+    assert [t["reason"] for t in err.value.details["tried"]] == ["http_503", "retry_budget_exhausted"]
+    assert backends["merged-b"].calls == 0  # no budget, no second attempt
