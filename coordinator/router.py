@@ -42,6 +42,7 @@ class RouterConfig:
     labels: tuple[str, ...]  # label tokens, in the mapping's label order
     label_ids: tuple[int, ...]  # their token ids, aligned with ``labels``
     text: str  # chat-templated router prompt
+    max_pixels: int | None  # image budget of a routing forward (None: the checkpoint's)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ class Router:
 
         labels = tuple(spec.ordered_labels())
         ids = tuple(label_token_ids(self._tokenizer, labels))
-        return RouterConfig(labels=labels, label_ids=ids, text=render_prompt(self._processor, spec.prompt))
+        text = render_prompt(self._processor, spec.prompt)
+        return RouterConfig(labels=labels, label_ids=ids, text=text, max_pixels=spec.max_pixels)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` with the base tokenizer (usage accounting)."""
@@ -221,6 +223,7 @@ class Router:
                 [i.image for i in items],
                 [config.text] * len(items),
                 adapter_names=names,
+                max_pixels=config.max_pixels,
             )
         probs = torch.softmax(logits[:, list(config.label_ids)], dim=-1)
         return [tuple(float(p) for p in row) for row in probs.tolist()]

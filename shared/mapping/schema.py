@@ -142,6 +142,10 @@ class RouterSpec(_Strict):
     thresholds: dict[str, float] = Field(default_factory=dict)  # "default" or a label -> min confidence
     fallback_adapter: str | None = None  # served when the top label is below threshold; None -> 422
     shadow: bool = False  # route and log, but serve the explicit/fallback choice
+    # The router's image budget in pixels (None: the checkpoint's). Routing needs less detail than
+    # answering: 262144 px is 256 visual tokens of Qwen3-VL (32x32 px each) against ~2000 for a
+    # 1080p screenshot at the checkpoint's budget, and images below it are not touched.
+    max_pixels: int | None = Field(default=262_144, ge=1024)
 
     def ordered_labels(self) -> list[str]:
         """Labels in a stable order (numeric labels numerically, then the rest alphabetically)."""
