@@ -39,7 +39,7 @@ from benchmarks.core import (
 )
 from benchmarks.env import BenchContext, Input, infer_request, make_inputs
 from benchmarks.report import figure
-from shared import synthetic
+from mole import synthetic
 
 if TYPE_CHECKING:
     from worker.service import WorkerService
@@ -164,7 +164,7 @@ async def _image_sizes(
 
 def _checkpoint(ctx: BenchContext, width: int, layers: int, vision: int) -> Path:
     """A random-initialised tiny-Qwen3-VL-shaped checkpoint of the given size (built once, cached)."""
-    from shared.demo_assets import Recipe, build_base
+    from mole.demo_assets import Recipe, build_base
 
     if (width, layers, vision) == CHECKPOINTS[0]:
         return Path(ctx.mapping.base_model)

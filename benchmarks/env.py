@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.core import Call, Run, side_by_side
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 from shared.mapping import MoleMapping, load_mapping, parse_mapping
 from shared.schemas import InferRequest

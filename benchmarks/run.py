@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.core import loadavg, machine_facts
     from benchmarks.env import BenchContext, Options, describe_model
     from benchmarks.report import render
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     selected = _selected(args.only)
     if importlib.util.find_spec("matplotlib") is None:  # fail before minutes of measuring, not after
@@ -175,7 +175,7 @@ def describe_settings(ctx: Any) -> dict[str, str]:
     return {
         "worker batching": f"max batch {s.max_batch_size}, window {s.max_wait_ms:g} ms, queue {s.max_queue}",
         "generation": "greedy, max_new_tokens 16 (the demo experts stop after 6-8 tokens)",
-        "inputs": "synthetic app screenshots (shared.synthetic), 128×96 px PNG, base64 on the wire",
+        "inputs": "synthetic app screenshots (mole.synthetic), 128×96 px PNG, base64 on the wire",
         "workers in scenarios 1-3 and 6": "real in-process `WorkerService` (no HTTP layer)",
         "scenarios 4-5": "real `mole coordinator` + `mole worker` processes over loopback HTTP",
     }

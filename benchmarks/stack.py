@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.core import rss_mb
-from shared.demo_assets import relocated_mapping
+from mole.demo_assets import relocated_mapping
 
 READY_TIMEOUT_S = 180.0  # a loaded 2-core machine starting four torch processes at once is slow
 

@@ -31,7 +31,7 @@ def _setup_logging() -> None:
 
 # ---- model assets ---------------------------------------------------------------------------
 def cmd_demo_assets(args: argparse.Namespace) -> int:
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     report = build_demo_assets(Path(args.out), force=args.force)
     print(f"router held-out accuracy: {report.router_heldout_accuracy:.1%}")
@@ -49,7 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from shared.merge import ParityError, ParityLimits, merge_adapter, rollback
+    from mole.merge import ParityError, ParityLimits, merge_adapter, rollback
+    from shared.modeling import METADATA_FILE
 
     if args.rollback:
         out = rollback(args.out)
@@ -70,13 +71,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"merged -> {args.out}\n"
         f"  parity on {parity['probes']} probes: max logit diff {parity['max_abs_logit_diff']:.2e}, "
         f"top-1 agreement {parity['top1_agreement']:.0%}, greedy exact {parity['greedy_exact_match']:.0%}\n"
-        f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {args.out}/merge_metadata.json"
+        f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {args.out}/{METADATA_FILE}"
     )
     return 0
 
 
 def cmd_deploy_adapter(args: argparse.Namespace) -> int:
-    from shared.merge import ParityError, merge_adapter
+    from mole.merge import ParityError, merge_adapter
     from shared.modeling import weights_hash
 
     src = Path(args.checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 
 SAMPLES_PER_EXPERT = 2
@@ -101,8 +101,8 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mole.demo_assets import build_demo_assets
     from mole.up import Progress, Stack, StackError
-    from shared.demo_assets import build_demo_assets
 
     assets = Path(args.assets)
     build_demo_assets(assets, log=lambda msg: print(msg, file=sys.stderr))

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from shared.demo_assets import free_port as free_port  # re-exported for the tests
-from shared.demo_assets import relocated_mapping
+from mole.demo_assets import free_port as free_port  # re-exported for the tests
+from mole.demo_assets import relocated_mapping
 
 REPO = Path(__file__).resolve().parent.parent
 _PATH_KEYS = ("lora", "merged", "model", "discover", "adapter")

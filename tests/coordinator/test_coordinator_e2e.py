@@ -30,7 +30,7 @@ from support import (
 )
 
 from coordinator.app import create_app
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64, image_to_data_url
 from shared.modeling import weights_hash
 from shared.settings import Settings

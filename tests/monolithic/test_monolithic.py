@@ -18,9 +18,9 @@ import psutil
 import pytest
 from support import Service, coordinator_process, demo_mapping_copy, free_port
 
+from mole import synthetic
 from mole.monolithic import inprocess_worker
 from mole.up import Stack
-from shared import synthetic
 from shared.errors import ConfigError
 from shared.images import encode_image_b64
 from shared.mapping import load_mapping

@@ -31,7 +31,7 @@ from support import (
     worker_process,
 )
 
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 
 API_KEY = "client-key-123"

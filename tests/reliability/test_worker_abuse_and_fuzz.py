@@ -17,7 +17,7 @@ from attacks import RSS_BOUND_MB, abuse_cases, fuzz_figures, fuzz_openapi, run_a
 from conftest import LONG
 from support import Service, demo_mapping_copy, worker_process
 
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from support import Service, demo_mapping_copy, worker_process
 
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 
 TOKEN = "worker-secret-token"
