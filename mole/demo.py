@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from mole import synthetic
+from shared import table
 from shared.images import encode_image_b64
 
 SAMPLES_PER_EXPERT = 2
@@ -80,8 +81,7 @@ def send(client: httpx.Client, url: str, case: Case) -> Outcome:
 
 
 def format_table(outcomes: list[Outcome]) -> str:
-    header = ("", "request", "expected", "routed to", "conf", "worker", "mode", "output", "ms")
-    rows = [header]
+    rows = []
     for o in outcomes:
         b = o.body
         if o.status == 200:
@@ -94,10 +94,8 @@ def format_table(outcomes: list[Outcome]) -> str:
         rows.append(
             (mark, o.case.note, o.case.expected, routed, conf, worker, mode, output, f"{o.latency_ms:.0f}")
         )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    header = ("", "request", "expected", "routed to", "conf", "worker", "mode", "output", "ms")
+    return table.format_table(header, rows, rule=True)
 
 
 def run(args: argparse.Namespace) -> int:

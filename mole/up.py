@@ -38,6 +38,7 @@ from typing import IO, Literal
 
 from shared.errors import ConfigError
 from shared.mapping import MoleMapping, load_mapping
+from shared.table import format_table
 
 READY_PATH = "/health/ready"  # 200 once the service has loaded its model
 DEFAULT_READY_TIMEOUT_S = 180.0  # wait_ready's default budget for every service together
@@ -260,7 +261,7 @@ class Stack:
     # ---- reporting -----------------------------------------------------------------------------
     def table(self) -> str:
         """Aligned table of every service: name, role, state, pid, URL, log."""
-        rows = [("SERVICE", "ROLE", "STATE", "PID", "URL", "LOG")]
+        rows: list[tuple[str, ...]] = []
         for s in self.services:
             rows.append((s.name, s.role, s.state, str(s.pid or "-"), s.probe_url, str(s.log_path)))
         for w in self.remote_workers:
@@ -277,10 +278,7 @@ class Stack:
                     str(co.log_path),
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        return "\n".join(
-            "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]) for r in rows
-        )
+        return format_table(("SERVICE", "ROLE", "STATE", "PID", "URL", "LOG"), rows)
 
     def write_state(self) -> None:
         """Write ``RUN_DIR/stack.json``: mapping, and per service its pid, URL, state and log."""
