@@ -1,6 +1,6 @@
 """``mole demo``: the main job end to end on the embedded default.
 
-Builds (or reuses) the demo assets, starts the local stack with :class:`mole.up.Stack`, sends
+Builds (or reuses) the demo assets, starts the local stack with :class:`mole.supervisor.Stack`, sends
 held-out screenshots of every expert through ``POST /classify`` (router-chosen, plus one explicit
 expert and one ``prefer_merged=false`` request), prints a table, stops the stack. Exits non-zero
 when a service fails, a request fails, a screen is routed to the wrong expert, or an answer is not
@@ -100,7 +100,8 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mole.demo_assets import build_demo_assets
-    from mole.up import Progress, Stack, StackError
+    from mole.supervisor import Stack, StackError
+    from mole.up import Progress
 
     assets = Path(args.assets)
     build_demo_assets(assets, log=lambda msg: print(msg, file=sys.stderr))
