@@ -189,12 +189,6 @@ def cmd_modal_deploy(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import run
-
-    return run(args)
-
-
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole", description=__doc__.splitlines()[0])
@@ -262,10 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-coordinator", action="store_true", help="deploy the workers only")
     p.add_argument("--public-coordinator", action="store_true", help="no Modal proxy auth on the coordinator")
     p.set_defaults(func=cmd_modal_deploy)
-
-    from benchmarks.run import add_parser as add_bench_parser  # stdlib-only at import
-
-    add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
 
 
