@@ -30,7 +30,7 @@ test: lint
 	MOLE_ASSETS_CACHE=$(CURDIR)/$(ASSETS) $(BIN)/pytest -q
 
 bench: install
-	$(BIN)/mole bench --assets $(ASSETS)
+	$(BIN)/mole-bench --assets $(ASSETS)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,4 +1,4 @@
-"""``mole bench``: the benchmark suite behind ``docs/benchmarks.md``.
+"""``mole-bench`` (``python -m benchmarks``): the benchmark suite behind ``docs/benchmarks.md``.
 
 One module per concern: :mod:`benchmarks.core` (load generator, percentiles, machine facts),
 :mod:`benchmarks.env` (the shared context: assets, in-process workers, the process stack, the

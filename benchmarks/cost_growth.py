@@ -33,13 +33,14 @@ from benchmarks.core import (
     param_count,
     percentile,
     ratio,
+    rss_mb,
     side_by_side,
     tensor_mb,
     x,
 )
 from benchmarks.env import BenchContext, Input, infer_request, make_inputs
 from benchmarks.report import figure
-from shared import synthetic
+from mole import synthetic
 
 if TYPE_CHECKING:
     from worker.service import WorkerService
@@ -164,7 +165,7 @@ async def _image_sizes(
 
 def _checkpoint(ctx: BenchContext, width: int, layers: int, vision: int) -> Path:
     """A random-initialised tiny-Qwen3-VL-shaped checkpoint of the given size (built once, cached)."""
-    from shared.demo_assets import Recipe, build_base
+    from mole.demo_assets import Recipe, build_base
 
     if (width, layers, vision) == CHECKPOINTS[0]:
         return Path(ctx.mapping.base_model)
@@ -264,7 +265,7 @@ async def run(ctx: BenchContext) -> Section:
         f"the base ({base_mb:.2f} MiB) plus {lora_mb:.3f} MiB per LoRA (measured above)."
     )
     if stack is not None:
-        rss = {p.name: p.rss_mb() for p in stack.processes}
+        rss = {p.name: rss_mb(p.pid) for p in stack.services if p.pid is not None}
         mt.caption += (
             " At this size whole processes dominate: resident memory of the scenario-4 processes is "
             + ", ".join(f"`{k}` {v:.0f} MiB" for k, v in rss.items() if v is not None)
@@ -319,7 +320,9 @@ async def run(ctx: BenchContext) -> Section:
         st.caption += (
             " A whole `mole` process adds the interpreter and torch import: in scenario 4, with all four "
             "started at once on this machine, spawn → ready took "
-            + ", ".join(f"{p.name} {p.ready_s:.1f} s" for p in stack.processes if p.ready_s is not None)
+            + ", ".join(
+                f"{p.name} {p.ready_after_s:.1f} s" for p in stack.services if p.ready_after_s is not None
+            )
             + "."
         )
     section.tables.append(st)

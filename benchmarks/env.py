@@ -3,19 +3,20 @@ expensive shared pieces (the process stack, the original-design baseline) built 
 
 In-process workers are the real :class:`worker.service.WorkerService` (input checks, image decoding,
 prompt rendering, the micro-batcher, the model holder); only the HTTP layer is left out. Scenarios
-about the whole system use real processes (:mod:`benchmarks.stack`).
+about the whole system use real processes (:class:`mole.supervisor.Stack`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.core import Call, Run, side_by_side
-from shared import synthetic
+from mole import synthetic
 from shared.images import encode_image_b64
 from shared.mapping import MoleMapping, current_keys, load_mapping, parse_mapping
 from shared.schemas import InferRequest
@@ -25,16 +26,18 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from benchmarks.baseline import OriginalServer
-    from benchmarks.stack import Stack
+    from mole.supervisor import Stack
     from worker.service import WorkerService
 
 MAX_NEW_TOKENS = 16  # every request's generation budget (the demo experts answer in 6-8 tokens)
+READY_TIMEOUT_S = 180.0  # a loaded 2-core machine starting four torch processes at once is slow
+STOP_GRACE_S = 30.0  # SIGTERM -> SIGKILL for the process stack
 ALIAS_SOURCES = synthetic.KINDS  # aliases reuse the trained LoRAs' weights under new names
 
 
 @dataclass(frozen=True)
 class Options:
-    """What ``mole bench`` was asked for (see :func:`benchmarks.run.add_parser`)."""
+    """What ``mole-bench`` was asked for (see :func:`benchmarks.run.build_parser`)."""
 
     assets: Path  # demo assets folder (built if missing)
     work: Path  # scratch folder: stack mapping and logs, generated checkpoints
@@ -107,7 +110,7 @@ def service_calls(services: dict[str, Any], inputs: list[Input], adapter: str) -
 
 @dataclass
 class BenchContext:
-    """Shared state of one ``mole bench`` run."""
+    """Shared state of one ``mole-bench`` run."""
 
     options: Options
     mapping: MoleMapping = field(init=False)
@@ -217,15 +220,33 @@ class BenchContext:
     async def stack(self) -> Stack:
         """The coordinator and the demo workers as real processes (started on first use)."""
         if self._stack is None:
-            from benchmarks.stack import Stack
-
-            env = {
-                "MOLE_DEVICE": self.options.device,
-                "MOLE_DTYPE": self.options.dtype,
-                "MOLE_TORCH_THREADS": str(self.options.threads),
-            }
-            self._stack = await asyncio.to_thread(Stack.start, self.options.assets, self.options.work, env)
+            self._stack = await asyncio.to_thread(self._start_stack)
         return self._stack
+
+    def _start_stack(self) -> Stack:
+        """Every demo worker and the coordinator, started at once from a copy of the demo mapping on
+        fresh loopback ports; returns when all are ready and the coordinator sees every worker up.
+        Each process's spawn-to-ready time (``ready_after_s``) feeds the cost-growth scenario."""
+        from mole.demo_assets import relocated_mapping
+        from mole.supervisor import Stack
+
+        root = self.options.work / "stack"
+        env = {
+            "MOLE_DEVICE": self.options.device,
+            "MOLE_DTYPE": self.options.dtype,
+            "MOLE_TORCH_THREADS": str(self.options.threads),
+        }
+        mapping = relocated_mapping(self.options.assets, root / "mapping.json")
+        # Started on a worker thread of the event loop: no preexec_fn tie to that thread.
+        stack = Stack(mapping, run_dir=root / "logs", env=env, stop_grace_s=STOP_GRACE_S, tie_to_parent=False)
+        stack.start()
+        try:
+            stack.wait_ready(READY_TIMEOUT_S)
+            _wait_workers_up(stack.coordinator.probe_url, time.monotonic() + READY_TIMEOUT_S)
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
 
     @property
     def stack_started(self) -> Stack | None:
@@ -233,7 +254,7 @@ class BenchContext:
 
     def close(self) -> None:
         if self._stack is not None:
-            self._stack.close()
+            self._stack.stop()
             self._stack = None
         self._original = None
 
@@ -271,3 +292,16 @@ def describe_model(ctx: BenchContext) -> dict[str, str]:
             f"(image processor cap: {image_processor.size.longest_edge} pixels)"
         ),
     }
+
+
+def _wait_workers_up(coordinator_url: str, deadline: float) -> None:
+    """Wait until the coordinator's prober has seen every worker up (``GET /workers``)."""
+    import httpx
+
+    while time.monotonic() < deadline:
+        rows = httpx.get(f"{coordinator_url}/workers", timeout=2.0).json()
+        rows = rows.get("workers", rows) if isinstance(rows, dict) else rows
+        if all(r.get("state") == "up" for r in rows):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the coordinator did not see every worker up")

@@ -14,7 +14,7 @@ import asyncio
 from benchmarks.core import Check, Run, Section, Table, ms, ratio, side_by_side, x
 from benchmarks.env import MAX_NEW_TOKENS, BenchContext, Input, alias_names, infer_request, make_inputs
 from benchmarks.report import figure
-from shared import synthetic
+from mole import synthetic
 
 ADAPTER_COUNTS = (1, 2, 4, 8)
 WORKER = "bench-dynamic-8"

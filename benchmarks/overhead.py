@@ -53,24 +53,25 @@ async def run(ctx: BenchContext) -> Section:
 
         base = {"max_new_tokens": TOKENS}
         await timed(
-            f"{stack.coordinator_url}/classify", {**base, "image_b64": inputs[0].image_b64, "prompt": "hi"}
+            f"{stack.coordinator.probe_url}/classify",
+            {**base, "image_b64": inputs[0].image_b64, "prompt": "hi"},
         )
         for i, inp in enumerate(inputs):
             classify = {**base, "image_b64": inp.image_b64, "prompt": inp.prompt}
             # the router's pick decides which worker the direct call goes to, so it runs first;
             # the other two alternate
-            t_router, routed = await timed(f"{stack.coordinator_url}/classify", classify)
-            direct_url = f"{stack.worker_urls[routed['worker_id']]}/infer"
+            t_router, routed = await timed(f"{stack.coordinator.probe_url}/classify", classify)
+            direct_url = f"{stack.service(routed['worker_id']).probe_url}/infer"
             direct = {**classify, "adapter": routed["adapter"]}
             explicit = {**classify, "expert": routed["adapter"]}
             if i % 2 == 0:
                 t_direct, _ = await timed(direct_url, direct)
-                t_explicit, _ = await timed(f"{stack.coordinator_url}/classify", explicit)
+                t_explicit, _ = await timed(f"{stack.coordinator.probe_url}/classify", explicit)
             else:
-                t_explicit, _ = await timed(f"{stack.coordinator_url}/classify", explicit)
+                t_explicit, _ = await timed(f"{stack.coordinator.probe_url}/classify", explicit)
                 t_direct, _ = await timed(direct_url, direct)
             t0 = time.perf_counter()  # the floor: one loopback HTTP round trip that does no work
-            (await client.get(f"{stack.coordinator_url}/health/live")).raise_for_status()
+            (await client.get(f"{stack.coordinator.probe_url}/health/live")).raise_for_status()
             t_hop = (time.perf_counter() - t0) * 1000.0
             tm = routed["timings_ms"]
             rows.append(

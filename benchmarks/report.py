@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core import Check, Section, Table
+from shared.table import format_table
 
 _VERDICT = {"met": "✅ met", "missed": "❌ missed", "info": "—"}
 
@@ -35,13 +36,8 @@ def figure(
 
 
 def _table(t: Table) -> list[str]:
-    lines = []
-    if t.caption:
-        lines += [t.caption, ""]
-    lines.append("| " + " | ".join(t.header) + " |")
-    lines.append("|" + "|".join(" --- " for _ in t.header) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in t.rows]
-    return [*lines, ""]
+    caption = [t.caption, ""] if t.caption else []
+    return [*caption, format_table(t.header, t.rows, style="markdown"), ""]
 
 
 def _load(v: tuple[float, float, float]) -> str:

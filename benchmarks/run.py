@@ -1,7 +1,8 @@
-"""``mole bench``: argument registration (:func:`add_parser`) and the entry point (:func:`run`).
+"""``mole-bench`` (also ``python -m benchmarks``): the parser (:func:`build_parser`), the console
+script (:func:`main`) and the suite itself (:func:`run`).
 
-This module imports only the standard library at import time, so ``mole --help`` stays light; the
-scenarios, torch and matplotlib load inside :func:`run`.
+This module imports only the standard library at import time, so ``mole-bench --help`` stays light;
+the scenarios, torch and matplotlib load inside :func:`run`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+PROG = "mole-bench"  # the console script (pyproject.toml); `python -m benchmarks` runs the same
+
 # scenario key -> module with ``async def run(ctx) -> Section``; the document follows this order
 SCENARIOS: dict[str, str] = {
     "merged-vs-dynamic": "benchmarks.merged_vs_dynamic",
@@ -27,10 +30,10 @@ SCENARIOS: dict[str, str] = {
 }
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns it."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "bench", help="run the benchmark suite and write docs/benchmarks.md with its plots"
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mole-bench`` command line."""
+    p = argparse.ArgumentParser(
+        prog=PROG, description="run the benchmark suite and write docs/benchmarks.md with its plots"
     )
     p.add_argument("--assets", default=".cache/demo_assets", help="demo assets folder (built when missing)")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown report; PNG plots go next to it")
@@ -61,15 +64,13 @@ def _selected(only: list[str] | None) -> list[str]:
     wanted = [name.strip() for item in only for name in item.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in SCENARIOS]
     if unknown:
-        raise SystemExit(
-            f"mole bench: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
-        )
+        raise SystemExit(f"{PROG}: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     return [name for name in SCENARIOS if name in wanted]
 
 
 def _command(args: argparse.Namespace, selected: list[str]) -> str:
     """The command line that reproduces this run (flags spelled out)."""
-    parts = ["mole", "bench", "--assets", str(args.assets), "--out", str(args.out), "--device", args.device]
+    parts = [PROG, "--assets", str(args.assets), "--out", str(args.out), "--device", args.device]
     if args.dtype:
         parts += ["--dtype", args.dtype]
     if not args.device.startswith("cuda"):
@@ -83,6 +84,16 @@ def _command(args: argparse.Namespace, selected: list[str]) -> str:
     return shlex.join(parts)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The ``mole-bench`` console script: parse ``argv``, configure logging, :func:`run`."""
+    from shared.logging import configure_logging
+    from shared.settings import Settings
+
+    args = build_parser().parse_args(argv)
+    configure_logging(Settings())
+    return run(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build or reuse the demo assets, run the selected scenarios, write the report. Returns 0, or 1
     when a scenario failed (its error is written into the report)."""
@@ -91,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.core import loadavg, machine_facts
     from benchmarks.env import BenchContext, Options, describe_model
     from benchmarks.report import render
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     selected = _selected(args.only)
     if importlib.util.find_spec("matplotlib") is None:  # fail before minutes of measuring, not after
-        raise SystemExit("mole bench: the plots need matplotlib (pip install 'matplotlib>=3.9')")
+        raise SystemExit(f"{PROG}: the plots need matplotlib (pip install 'matplotlib>=3.9')")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("mole bench: --device cuda asked for, but torch sees no CUDA device")
+        raise SystemExit(f"{PROG}: --device cuda asked for, but torch sees no CUDA device")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     assets = Path(args.assets).resolve()
     out = Path(args.out).resolve()
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     load_start = loadavg()
-    print(f"mole bench: demo assets in {assets}", flush=True)
+    print(f"{PROG}: demo assets in {assets}", flush=True)
     build_demo_assets(assets, log=lambda msg: print(f"  {msg}", flush=True))
     ctx = BenchContext(options)
     sections = []
@@ -125,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         for key in selected:
             module = importlib.import_module(SCENARIOS[key])
-            print(f"mole bench: {key} ...", flush=True)
+            print(f"{PROG}: {key} ...", flush=True)
             before, t0 = loadavg(), time.perf_counter()
             try:
                 section = await module.run(ctx)
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 while isinstance(exc, ExceptionGroup) and exc.exceptions:  # a load generator's client
                     exc = exc.exceptions[0]
                 failures[key] = f"{type(exc).__name__}: {exc}"
-                print(f"mole bench: {key} FAILED\n{traceback.format_exc()}", flush=True)
+                print(f"{PROG}: {key} FAILED\n{traceback.format_exc()}", flush=True)
                 continue
             section.seconds = time.perf_counter() - t0
             section.load_before, section.load_after = before, loadavg()
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"mole bench: wrote {out} in {seconds:.0f} s", flush=True)
+    print(f"{PROG}: wrote {out} in {seconds:.0f} s", flush=True)
     return 1 if failures else 0
 
 
@@ -175,7 +186,7 @@ def describe_settings(ctx: Any) -> dict[str, str]:
     return {
         "worker batching": f"max batch {s.max_batch_size}, window {s.max_wait_ms:g} ms, queue {s.max_queue}",
         "generation": "greedy, max_new_tokens 16 (the demo experts stop after 6-8 tokens)",
-        "inputs": "synthetic app screenshots (shared.synthetic), 128×96 px PNG, base64 on the wire",
+        "inputs": "synthetic app screenshots (mole.synthetic), 128×96 px PNG, base64 on the wire",
         "workers in scenarios 1-3 and 6": "real in-process `WorkerService` (no HTTP layer)",
         "scenarios 4-5": "real `mole coordinator` + `mole worker` processes over loopback HTTP",
     }

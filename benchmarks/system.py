@@ -36,7 +36,7 @@ from benchmarks.core import (
 )
 from benchmarks.env import MAX_NEW_TOKENS, BenchContext, Input, make_inputs
 from benchmarks.report import figure
-from benchmarks.stack import Stack
+from mole.supervisor import Stack
 
 TARGET = 2.0  # mole / baseline throughput at concurrency 8
 System = Callable[[int, "Tally"], Awaitable[int]]
@@ -98,7 +98,7 @@ async def run(ctx: BenchContext) -> Section:
         async def mole(i: int, tally: Tally) -> int:
             inp = inputs[i % len(inputs)]
             resp = await client.post(
-                f"{stack.coordinator_url}/classify",
+                f"{stack.coordinator.probe_url}/classify",
                 content=bodies[i % len(bodies)],
                 headers={"content-type": "application/json"},
             )
@@ -195,7 +195,7 @@ async def run(ctx: BenchContext) -> Section:
     n_mole = len(tallies[("mole", c_top)].routed)
     base_cpu = tallies[("baseline", c_top)].cpu
     mole_cpu = tallies[("mole", c_top)].cpu
-    for name in ["bench", *(p.name for p in stack.processes)]:
+    for name in ["bench", *(p.name for p in stack.services)]:
         label = "load generator + in-process baseline" if name == "bench" else name
         b = base_cpu.get(name, 0.0) * 1000 / max(1, n_base)
         m = mole_cpu.get(name, 0.0) * 1000 / max(1, n_mole)
@@ -282,6 +282,6 @@ async def _tokens0(awaitable: Awaitable[object]) -> int:
 
 def _cpu_snapshot(stack: Stack) -> dict[str, float | None]:
     snap: dict[str, float | None] = {"bench": cpu_seconds()}
-    for p in stack.processes:
+    for p in stack.services:
         snap[p.name] = cpu_seconds(p.proc.pid) if p.proc is not None else None
     return snap

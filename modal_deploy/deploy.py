@@ -17,6 +17,7 @@ import sys
 
 from modal_deploy.spec import SPEC_ENV, AppSpec, build_specs, load_for_modal, worker_url_vars
 from shared.errors import ConfigError
+from shared.table import format_table
 
 MODAL_MODULE = "modal_deploy.app"  # the file `modal deploy -m` loads
 _URL = re.compile(r"https://[A-Za-z0-9.-]+\.modal\.run")
@@ -24,7 +25,7 @@ _URL = re.compile(r"https://[A-Za-z0-9.-]+\.modal\.run")
 
 def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
     """Aligned table: app, GPU, containers min-max, scale-down, concurrency, auth, URL."""
-    rows = [("APP", "GPU", "CONTAINERS", "SCALEDOWN", "CONCURRENCY", "AUTH", "URL")]
+    rows: list[tuple[str, ...]] = []
     for s in specs:
         auth = "proxy+" if s.requires_proxy_auth else ""
         auth += "api-key" if s.role == "coordinator" else "worker-token"
@@ -39,10 +40,7 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
                 s.url(workspace or "<workspace>"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
-        "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]) for r in rows
-    )
+    return format_table(("APP", "GPU", "CONTAINERS", "SCALEDOWN", "CONCURRENCY", "AUTH", "URL"), rows)
 
 
 def deploy_one(spec: AppSpec) -> str | None:

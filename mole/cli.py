@@ -31,7 +31,7 @@ def _setup_logging() -> None:
 
 # ---- model assets ---------------------------------------------------------------------------
 def cmd_demo_assets(args: argparse.Namespace) -> int:
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     report = build_demo_assets(Path(args.out), force=args.force)
     print(f"router held-out accuracy: {report.router_heldout_accuracy:.1%}")
@@ -49,7 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from shared.merge import ParityError, ParityLimits, merge_adapter, rollback
+    from mole.merge import ParityError, ParityLimits, merge_adapter, rollback
+    from shared.modeling import METADATA_FILE
 
     if args.rollback:
         out = rollback(args.out)
@@ -70,13 +71,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"merged -> {args.out}\n"
         f"  parity on {parity['probes']} probes: max logit diff {parity['max_abs_logit_diff']:.2e}, "
         f"top-1 agreement {parity['top1_agreement']:.0%}, greedy exact {parity['greedy_exact_match']:.0%}\n"
-        f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {args.out}/merge_metadata.json"
+        f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {args.out}/{METADATA_FILE}"
     )
     return 0
 
 
 def cmd_deploy_adapter(args: argparse.Namespace) -> int:
-    from shared.merge import ParityError, merge_adapter
+    from mole.merge import ParityError, merge_adapter
     from shared.modeling import weights_hash
 
     src = Path(args.checkpoint)
@@ -182,14 +183,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_bench(argv: list[str]) -> int:
+    """``mole bench ARGS``: the benchmark suite (``python -m benchmarks ARGS``) in a process of its
+    own, so that ``mole`` never imports ``benchmarks`` (benchmarks build on ``mole``, not the reverse)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv])
+
+
 def cmd_modal_deploy(args: argparse.Namespace) -> int:
     from modal_deploy.deploy import run
-
-    return run(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import run
 
     return run(args)
 
@@ -254,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every /health/ready")
     p.set_defaults(func=cmd_up)
 
+    sub.add_parser(
+        "bench",
+        help="the benchmark suite; the same as mole-bench (mole bench --help for its options)",
+        add_help=False,
+    )
+
     p = sub.add_parser("modal-deploy", help="deploy every worker of a mapping (and the coordinator) to Modal")
     p.add_argument("--config", required=True, help="expert_machine_mapping.json")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the URLs; deploy nothing")
@@ -261,14 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-coordinator", action="store_true", help="deploy the workers only")
     p.add_argument("--public-coordinator", action="store_true", help="no Modal proxy auth on the coordinator")
     p.set_defaults(func=cmd_modal_deploy)
-
-    from benchmarks.run import add_parser as add_bench_parser  # stdlib-only at import
-
-    add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()

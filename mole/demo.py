@@ -1,6 +1,6 @@
 """``mole demo``: the main job end to end on the embedded default.
 
-Builds (or reuses) the demo assets, starts the local stack with :class:`mole.up.Stack`, sends
+Builds (or reuses) the demo assets, starts the local stack with :class:`mole.supervisor.Stack`, sends
 held-out screenshots of every expert through ``POST /classify`` (router-chosen, plus one explicit
 expert and one ``prefer_merged=false`` request), prints a table, stops the stack. Exits non-zero
 when a service fails, a request fails, a screen is routed to the wrong expert, or an answer is not
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from shared import synthetic
+from mole import synthetic
+from shared import table
 from shared.images import encode_image_b64
 
 SAMPLES_PER_KIND = 2  # held-out screens per screen kind (one kind per adapter)
@@ -80,8 +81,7 @@ def send(client: httpx.Client, url: str, case: Case) -> Outcome:
 
 
 def format_table(outcomes: list[Outcome]) -> str:
-    header = ("", "request", "expected", "routed to", "conf", "worker", "mode", "output", "ms")
-    rows = [header]
+    rows = []
     for o in outcomes:
         b = o.body
         if o.status == 200:
@@ -94,15 +94,14 @@ def format_table(outcomes: list[Outcome]) -> str:
         rows.append(
             (mark, o.case.note, o.case.expected, routed, conf, worker, mode, output, f"{o.latency_ms:.0f}")
         )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    header = ("", "request", "expected", "routed to", "conf", "worker", "mode", "output", "ms")
+    return table.format_table(header, rows, rule=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mole.up import Progress, Stack, StackError
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
+    from mole.supervisor import Stack, StackError
+    from mole.up import Progress
 
     assets = Path(args.assets)
     build_demo_assets(assets, log=lambda msg: print(msg, file=sys.stderr))

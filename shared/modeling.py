@@ -34,6 +34,8 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Written into a merged checkpoint by the merge pipeline (mole.merge); workers read its hash from it.
+METADATA_FILE = "merge_metadata.json"
 
 
 def _image_only_processor_class() -> type:

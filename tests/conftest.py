@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_assets() -> Path:
     """The embedded default model set (tiny Qwen3-VL, router + expert LoRAs, merged hot experts)."""
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     root = Path(
         os.environ.get("MOLE_ASSETS_CACHE", Path(__file__).resolve().parent.parent / ".cache/demo_assets")

@@ -1,24 +1,19 @@
-"""Test helpers: free loopback ports, demo-mapping copies, real service processes polled until ready."""
+"""Test helpers: free loopback ports, demo-mapping copies, real service processes (started with
+:class:`mole.supervisor.ServiceProcess`, polled until ready), in-thread servers, fault injectors."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from shared.demo_assets import free_port as free_port  # re-exported for the tests
-from shared.demo_assets import relocated_mapping
+from mole.demo_assets import free_port as free_port  # re-exported for the tests
+from mole.demo_assets import relocated_mapping
+from mole.supervisor import ServiceProcess
 
 REPO = Path(__file__).resolve().parent.parent
-_PATH_KEYS = ("lora", "merged", "model", "discover", "adapter")
 
 
 def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json", **top: Any) -> Path:
@@ -29,73 +24,32 @@ def demo_mapping_copy(assets: Path, out_dir: Path, *, name: str = "mapping.json"
     return relocated_mapping(assets, out_dir / name, **top)
 
 
-class Service:
-    """A real service process (``mole ...``) with its log file; stopped with SIGTERM."""
-
-    def __init__(self, args: Sequence[str], url: str, log: Path, env: dict[str, str] | None = None):
-        self.args = list(args)
-        self.url = url
-        self.log = log
-        full_env = {**os.environ, "MOLE_TORCH_THREADS": "1", **(env or {})}
-        self._fh = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mole.cli", *self.args],
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.args} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.args} not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._fh.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+def start_service(
+    name: str, args: Sequence[str], url: str, log_dir: Path, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """A real ``mole ...`` service process, spawned (not yet ready) with one torch thread and its
+    output in ``log_dir/<name>.log``; ``.wait_ready()``, ``.stop()`` and ``.kill()`` it."""
+    role = "coordinator" if args[0] == "coordinator" else "worker"
+    svc = ServiceProcess(name=name, role=role, url=url, args=list(args), log_path=log_dir / f"{name}.log")
+    svc.spawn(env={"MOLE_TORCH_THREADS": "1", **(env or {})}, cwd=REPO)
+    return svc
 
 
 def worker_process(
     mapping: Path, worker_id: str, log_dir: Path, env: dict[str, str] | None = None
-) -> Service:
+) -> ServiceProcess:
     doc = json.loads(mapping.read_text())
     url = next(w["url"] for w in doc["workers"] if w["id"] == worker_id)
-    return Service(
-        ["worker", "--config", str(mapping), "--worker-id", worker_id], url, log_dir / f"{worker_id}.log", env
-    )
+    args = ["worker", "--config", str(mapping), "--worker-id", worker_id]
+    return start_service(worker_id, args, url, log_dir, env)
 
 
-def coordinator_process(mapping: Path, log_dir: Path, env: dict[str, str] | None = None) -> Service:
+def coordinator_process(
+    mapping: Path, log_dir: Path, env: dict[str, str] | None = None, *, name: str = "coordinator"
+) -> ServiceProcess:
     doc = json.loads(mapping.read_text())
-    return Service(
-        ["coordinator", "--config", str(mapping)], doc["coordinator"]["url"], log_dir / "coordinator.log", env
-    )
+    args = ["coordinator", "--config", str(mapping)]
+    return start_service(name, args, doc["coordinator"]["url"], log_dir, env)
 
 
 class ThreadServer:

@@ -24,8 +24,15 @@ from typing import Any, ClassVar
 
 from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError
 from shared.mapping import MoleMapping, WorkerSpec
-from shared.merge import METADATA_FILE
-from shared.modeling import Generated, GenerationParams, generate, load_model, load_processor, weights_hash
+from shared.modeling import (
+    METADATA_FILE,
+    Generated,
+    GenerationParams,
+    generate,
+    load_model,
+    load_processor,
+    weights_hash,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Smoke test of ``mole bench``: one tiny scenario end to end on real in-process workers.
+"""Smoke test of ``mole-bench``: one tiny scenario end to end on real in-process workers.
 
-Runs the micro-batching scenario with ``--quick`` (a handful of requests) through the CLI parser and
+Runs the micro-batching scenario with ``--quick`` (a handful of requests) through the console script and
 checks that the report and its plot are written. No timing assertions: this machine is shared.
 """
 
@@ -9,19 +9,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mole.cli import build_parser
+from benchmarks.run import main
 
 
 def test_bench_quick_batching_writes_report(demo_assets: Path, tmp_path: Path) -> None:
     out = tmp_path / "docs" / "benchmarks.md"
-    argv = ["bench", "--assets", str(demo_assets), "--quick", "--only", "batching", "--out", str(out)]
-    args = build_parser().parse_args([*argv, "--work", str(tmp_path / "work")])
+    argv = ["--assets", str(demo_assets), "--quick", "--only", "batching", "--out", str(out)]
 
-    assert args.func(args) == 0
+    assert main([*argv, "--work", str(tmp_path / "work")]) == 0
 
     text = out.read_text()
     assert text.startswith("# mole benchmarks")
-    assert "mole bench --assets" in text and "--only batching" in text  # the exact command
+    assert "mole-bench --assets" in text and "--only batching" in text  # the exact command
     assert "| logical cores |" in text and "load average" in text  # machine and load
     assert "## 2. Micro-batching" in text
     assert "| concurrency | on req/s | off req/s | on / off |" in text

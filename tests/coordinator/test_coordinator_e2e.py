@@ -20,7 +20,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from support import (
-    Service,
     ThreadServer,
     coordinator_process,
     demo_mapping_copy,
@@ -30,7 +29,8 @@ from support import (
 )
 
 from coordinator.app import create_app
-from shared import synthetic
+from mole import synthetic
+from mole.supervisor import ServiceProcess
 from shared.images import encode_image_b64, image_to_data_url
 from shared.modeling import weights_hash
 from shared.settings import Settings
@@ -61,14 +61,14 @@ class Stack:
     proc_mapping: Path  # the coordinator process's copy
     url: str  # in-process coordinator
     proc_url: str  # coordinator process
-    workers: dict[str, Service]
-    proc: Service
+    workers: dict[str, ServiceProcess]
+    proc: ServiceProcess
     log_dir: Path
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60.0, **kw)
 
-    def restart_worker(self, worker_id: str) -> Service:
+    def restart_worker(self, worker_id: str) -> ServiceProcess:
         self.workers[worker_id] = worker_process(self.mapping, worker_id, self.log_dir, env=WORKER_ENV)
         return self.workers[worker_id]
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from support import REPO, demo_mapping_copy
 
-from mole.up import Stack, StackError
+from mole.supervisor import Stack, StackError
 
 READY_TIMEOUT_S = 150  # four tiny models loading at once on two CPU cores
 

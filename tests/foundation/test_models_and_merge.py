@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared import synthetic
-from shared.demo_assets import ROUTER_PROMPT, evaluate_expert, evaluate_router
-from shared.merge import METADATA_FILE, ParityError, merge_adapter, rollback
+from mole import synthetic
+from mole.demo_assets import ROUTER_PROMPT, evaluate_expert, evaluate_router
+from mole.merge import ParityError, merge_adapter, rollback
 from shared.modeling import (
+    METADATA_FILE,
     GenerationParams,
     generate,
     label_token_ids,
@@ -126,7 +127,7 @@ def test_parity_gate_refuses_a_corrupted_adapter(demo_assets: Path, tmp_path: Pa
 
 def test_parity_gate_catches_a_merge_that_drifts(demo_assets: Path, tmp_path: Path) -> None:
     """A limit tighter than float32 merge error shows the gate compares real logits."""
-    from shared.merge import ParityLimits
+    from mole.merge import ParityLimits
 
     with pytest.raises(ParityError, match="max logit diff"):
         merge_adapter(
@@ -197,7 +198,7 @@ def test_check_config_prints_the_routing_table(demo_assets: Path, tmp_path: Path
 
 
 def test_second_build_reuses_the_cache(demo_assets: Path) -> None:
-    from shared.demo_assets import build_demo_assets
+    from mole.demo_assets import build_demo_assets
 
     before = (demo_assets / "base/model.safetensors").stat().st_mtime_ns
     messages: list[str] = []
@@ -216,7 +217,7 @@ def test_merge_warns_loudly_about_vision_tower_weights(
     model = get_peft_model(load_model(demo_assets / "base"), config)
     adapter = tmp_path / "vision-adapter"
     model.save_pretrained(str(adapter))
-    with caplog.at_level("WARNING", logger="shared.merge"):
+    with caplog.at_level("WARNING", logger="mole.merge"):
         manifest = merge_adapter(demo_assets / "base", adapter, tmp_path / "merged")
     assert manifest["vision_tower_tensors"] > 0
     assert any("VISION TOWER" in r.getMessage() for r in caplog.records)

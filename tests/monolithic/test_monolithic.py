@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from support import Service, coordinator_process, demo_mapping_copy, free_port
+from support import coordinator_process, demo_mapping_copy, free_port
 
+from mole import synthetic
 from mole.monolithic import inprocess_worker
-from mole.up import Stack
-from shared import synthetic
+from mole.supervisor import ServiceProcess, Stack
 from shared.errors import ConfigError
 from shared.images import encode_image_b64
 from shared.mapping import load_mapping
@@ -36,7 +36,7 @@ ENV = {"MOLE_LOG_JSON": "false", "MOLE_LOG_LEVEL": "INFO"}
 class Mono:
     assets: Path
     mapping: Path
-    proc: Service
+    proc: ServiceProcess
 
     @property
     def url(self) -> str:
@@ -131,7 +131,7 @@ def test_one_process_and_one_model_for_router_and_experts(mono: Mono) -> None:
     worker_url = json.loads(mono.mapping.read_text())["workers"][0]["url"]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{worker_url}/health/ready", timeout=2.0)
-    log = mono.proc.log.read_text()
+    log = mono.proc.log_path.read_text()
     # The model the worker lends and the one every router runs on are one object, loaded once.
     lent = re.findall(r"share one model .*model_id=(0x[0-9a-f]+)", log)
     router = re.findall(r"router loaded .*model_id=(0x[0-9a-f]+)", log)
@@ -161,7 +161,7 @@ def test_reload_lends_the_new_router_the_same_model(mono: Mono, tmp_path: Path) 
     finally:
         mono.mapping.write_text(good)
         httpx.post(f"{mono.url}/admin/reload", timeout=60.0)
-    log = mono.proc.log.read_text()
+    log = mono.proc.log_path.read_text()
     assert "loaded hidden adapter __router__2" in log and "unloaded hidden adapter __router__\n" in log
     assert "shared_model=False" not in log
 

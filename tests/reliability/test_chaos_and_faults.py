@@ -22,7 +22,6 @@ import pytest
 from attacks import RSS_BOUND_MB, abuse_cases, fuzz_figures, fuzz_openapi, run_abuse
 from conftest import LONG
 from support import (
-    Service,
     ThreadServer,
     coordinator_process,
     demo_mapping_copy,
@@ -31,7 +30,8 @@ from support import (
     worker_process,
 )
 
-from shared import synthetic
+from mole import synthetic
+from mole.supervisor import ServiceProcess
 from shared.images import encode_image_b64
 
 API_KEY = "client-key-123"
@@ -45,15 +45,15 @@ CHAOS_REQUESTS = 600 if LONG else 200
 class Stack:
     mapping: Path
     logs: Path
-    workers: dict[str, Service]
-    coordinator: Service
+    workers: dict[str, ServiceProcess]
+    coordinator: ServiceProcess
     fakes: list[ThreadServer]
 
     @property
     def url(self) -> str:
         return self.coordinator.url
 
-    def restart(self, worker_id: str) -> Service:
+    def restart(self, worker_id: str) -> ServiceProcess:
         svc = worker_process(self.mapping, worker_id, self.logs, env={"MOLE_WORKER_TOKEN": WORKER_TOKEN})
         self.workers[worker_id] = svc
         svc.wait_ready()
@@ -327,8 +327,8 @@ def test_coordinator_overload_answers_429_and_recovers(stack: Stack, figures: di
         path,
         stack.logs,
         env={"MOLE_WORKER_TOKEN": WORKER_TOKEN, "MOLE_MAX_WAITING": "8", "MOLE_TORCH_THREADS": "1"},
+        name="coordinator-small",
     )
-    small.log = stack.logs / "coordinator-small.log"
     try:
         small.wait_ready()
         proc = psutil.Process(small.proc.pid)

@@ -15,14 +15,15 @@ import httpx
 import pytest
 from attacks import RSS_BOUND_MB, abuse_cases, fuzz_figures, fuzz_openapi, run_abuse
 from conftest import LONG
-from support import Service, demo_mapping_copy, worker_process
+from support import demo_mapping_copy, worker_process
 
-from shared import synthetic
+from mole import synthetic
+from mole.supervisor import ServiceProcess
 from shared.images import encode_image_b64
 
 
 @pytest.fixture(scope="module")
-def worker(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def worker(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     tmp = tmp_path_factory.mktemp("abuse")
     svc = worker_process(demo_mapping_copy(demo_assets, tmp), "merged-calendar", tmp)
     svc.wait_ready()
@@ -35,7 +36,7 @@ def _good(seed: int) -> dict[str, Any]:
     return {"image_b64": encode_image_b64(sample.image), "prompt": sample.prompt, "adapter": "calendar"}
 
 
-def test_abusive_inputs_get_a_4xx_naming_the_limit(worker: Service, figures: dict) -> None:
+def test_abusive_inputs_get_a_4xx_naming_the_limit(worker: ServiceProcess, figures: dict) -> None:
     assert worker.proc.pid is not None
     results, growth_mb = run_abuse(f"{worker.url}/infer", abuse_cases(_good(1), worker=True), worker.proc.pid)
     assert growth_mb < RSS_BOUND_MB
@@ -47,7 +48,7 @@ def test_abusive_inputs_get_a_4xx_naming_the_limit(worker: Service, figures: dic
     }
 
 
-def test_fuzzed_requests_never_get_a_5xx(worker: Service, figures: dict) -> None:
+def test_fuzzed_requests_never_get_a_5xx(worker: ServiceProcess, figures: dict) -> None:
     tried, statuses = fuzz_openapi(
         worker.url,
         300 if LONG else 60,

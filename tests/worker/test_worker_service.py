@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import Service, demo_mapping_copy, worker_process
+from support import demo_mapping_copy, worker_process
 
-from shared import synthetic
+from mole import synthetic
+from mole.supervisor import ServiceProcess
 from shared.images import encode_image_b64
 
 TOKEN = "worker-secret-token"
@@ -32,7 +33,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_probe(mapping: Path, logs: Path) -> Iterator[tuple[Service, list[int]]]:
+def first_probe(mapping: Path, logs: Path) -> Iterator[tuple[ServiceProcess, list[int]]]:
     """The dynamic worker (token-protected, small prompt limit), with the statuses its readiness
     probe answered while it was loading."""
     svc = worker_process(
@@ -52,12 +53,12 @@ def first_probe(mapping: Path, logs: Path) -> Iterator[tuple[Service, list[int]]
 
 
 @pytest.fixture(scope="module")
-def dynamic(first_probe: tuple[Service, list[int]]) -> Service:
+def dynamic(first_probe: tuple[ServiceProcess, list[int]]) -> ServiceProcess:
     return first_probe[0]
 
 
 @pytest.fixture(scope="module")
-def merged(mapping: Path, logs: Path) -> Iterator[Service]:
+def merged(mapping: Path, logs: Path) -> Iterator[ServiceProcess]:
     svc = worker_process(mapping, "merged-calendar", logs)
     svc.wait_ready()
     yield svc
@@ -68,7 +69,7 @@ def request(sample: synthetic.Sample, adapter: str, **extra: object) -> dict:
     return {"image_b64": encode_image_b64(sample.image), "prompt": sample.prompt, "adapter": adapter, **extra}
 
 
-def test_readiness_is_503_while_loading_then_200(first_probe: tuple[Service, list[int]]) -> None:
+def test_readiness_is_503_while_loading_then_200(first_probe: tuple[ServiceProcess, list[int]]) -> None:
     svc, statuses = first_probe
     assert statuses[0] == 503, statuses[:5]
     assert statuses[-1] == 200
@@ -79,7 +80,9 @@ def test_readiness_is_503_while_loading_then_200(first_probe: tuple[Service, lis
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in held.values())
 
 
-def test_info_describes_the_worker(dynamic: Service, merged: Service, demo_assets: Path) -> None:
+def test_info_describes_the_worker(
+    dynamic: ServiceProcess, merged: ServiceProcess, demo_assets: Path
+) -> None:
     info = httpx.get(f"{dynamic.url}/info").json()
     assert info["worker_id"] == "dynamic-0" and info["mode"] == "dynamic"
     assert info["adapters"] == ["calendar", "claim", "desktop", "login"]
@@ -90,7 +93,7 @@ def test_info_describes_the_worker(dynamic: Service, merged: Service, demo_asset
     assert (info["mode"], info["adapters"]) == ("merged", ["calendar"])
 
 
-def test_merged_and_dynamic_workers_agree(dynamic: Service, merged: Service) -> None:
+def test_merged_and_dynamic_workers_agree(dynamic: ServiceProcess, merged: ServiceProcess) -> None:
     samples = synthetic.make_samples(8, seed=77, kinds=("calendar",))
     for s in samples:
         a = httpx.post(f"{merged.url}/infer", json=request(s, "calendar"), timeout=30)
@@ -108,7 +111,7 @@ def _batch_counts(metrics: str) -> tuple[float, float]:
     return total, singles
 
 
-def test_concurrent_mixed_adapters_match_requests_served_alone(dynamic: Service) -> None:
+def test_concurrent_mixed_adapters_match_requests_served_alone(dynamic: ServiceProcess) -> None:
     adapters = ("calendar", "claim", "login")
     samples = synthetic.make_samples(24, seed=5)
     bodies = [request(s, adapters[i % 3]) for i, s in enumerate(samples)]
@@ -133,7 +136,7 @@ def test_concurrent_mixed_adapters_match_requests_served_alone(dynamic: Service)
     assert batches < 24 and singles < batches, "concurrent requests were not batched"
 
 
-def test_worker_token_is_required(dynamic: Service) -> None:
+def test_worker_token_is_required(dynamic: ServiceProcess) -> None:
     body = request(synthetic.make_samples(1, seed=1)[0], "login")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         r = httpx.post(f"{dynamic.url}/infer", json=body, headers=headers)
@@ -142,10 +145,10 @@ def test_worker_token_is_required(dynamic: Service) -> None:
     assert r.status_code == 401, "a token in the query string must not be accepted"
     assert httpx.get(f"{dynamic.url}/health/ready").status_code == 200  # probes stay open
     assert httpx.get(f"{dynamic.url}/metrics").status_code == 200
-    assert TOKEN not in dynamic.log.read_text()
+    assert TOKEN not in dynamic.log_path.read_text()
 
 
-def test_rejections_name_the_field_and_the_limit(dynamic: Service) -> None:
+def test_rejections_name_the_field_and_the_limit(dynamic: ServiceProcess) -> None:
     sample = synthetic.make_samples(1, seed=2)[0]
 
     def post(body: dict) -> httpx.Response:
@@ -180,7 +183,7 @@ def test_rejections_name_the_field_and_the_limit(dynamic: Service) -> None:
     assert r.status_code == 422 and "unexpected" in r.json()["error"]["message"]
 
 
-def test_a_request_that_breaks_generation_fails_alone(dynamic: Service) -> None:
+def test_a_request_that_breaks_generation_fails_alone(dynamic: ServiceProcess) -> None:
     from PIL import Image
 
     good = synthetic.make_samples(3, seed=8, kinds=("login",))
@@ -204,7 +207,7 @@ def test_a_request_that_breaks_generation_fails_alone(dynamic: Service) -> None:
     assert again.status_code == 200, "the worker must keep serving after a failed request"
 
 
-def test_hot_adapter_load_and_unload(dynamic: Service, demo_assets: Path) -> None:
+def test_hot_adapter_load_and_unload(dynamic: ServiceProcess, demo_assets: Path) -> None:
     sample = synthetic.make_samples(1, seed=3, kinds=("desktop",))[0]
     path = str(demo_assets / "loras" / "desktop" / "adapter")
     r = httpx.post(f"{dynamic.url}/adapters", json={"name": "desktop-v2", "path": path})
@@ -227,7 +230,7 @@ def test_hot_adapter_load_and_unload(dynamic: Service, demo_assets: Path) -> Non
     assert httpx.delete(f"{dynamic.url}/adapters/desktop-v2", headers=AUTH).status_code == 404
 
 
-def test_oversized_body_is_refused_before_reading(merged: Service) -> None:
+def test_oversized_body_is_refused_before_reading(merged: ServiceProcess) -> None:
     r = httpx.post(
         f"{merged.url}/infer",
         content=b'{"image_b64": "' + b"A" * 13_000_000 + b'"}',

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import synthetic
+from mole import synthetic
 from shared.modeling import (
+    METADATA_FILE,
     PROCESSOR_FILES,
     GenerationParams,
     generate,
@@ -33,8 +34,6 @@ from shared.modeling import (
 )
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "merge_metadata.json"
 
 
 class ParityError(RuntimeError):

@@ -2,7 +2,7 @@
 
 A tiny Qwen3-VL (tokenizer, image processor, chat template, weights) saved with
 ``save_pretrained``; a router LoRA and one LoRA per expert briefly trained on the synthetic
-screenshot task (:mod:`shared.synthetic`); merged checkpoints of the hot experts made through the
+screenshot task (:mod:`mole.synthetic`); merged checkpoints of the hot experts made through the
 merge pipeline; and ``expert_machine_mapping.json`` with loopback URLs. Everything is seeded; a
 finished build leaves ``assets.json`` and a second run with the same recipe returns at once.
 """
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import synthetic
+from mole import synthetic
 from shared.mapping import current_keys
 
 logger = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def build_demo_assets(
     """Build (or reuse) the demo asset set under ``out``; returns the build report."""
     import torch
 
-    from shared.merge import merge_adapter
+    from mole.merge import merge_adapter
 
     recipe = recipe or Recipe()
     out = Path(out).resolve()

@@ -1,0 +1,482 @@
+"""The process supervisor: mole services as child processes, polled until ready, stopped cleanly.
+
+:class:`ServiceProcess` is one child, ``python -m mole.cli worker|coordinator ...``, in its own
+session (process group) with stdout and stderr captured to a log file; the tests start single
+services with it. :class:`Stack` is a mapping's coordinator and its local workers (``mole up``,
+``mole demo`` and the benchmarks' process stack drive it)::
+
+    with Stack(mapping_path) as stack:          # start(): workers first, then the coordinator
+        stack.wait_ready(timeout_s=180)         # raises StackError when a child exits or time runs out
+        httpx.post(f"{stack.coordinator.probe_url}/classify", ...)
+    # stop(): SIGTERM the coordinator, then the workers; SIGKILL what outlives the grace period
+
+``RUN_DIR/<name>.log`` holds each child's output and ``RUN_DIR/stack.json`` records pids, URLs and
+logs. Only workers whose URL is loopback are started; the others are left to their own machines.
+With a monolithic mapping the coordinator serves one dynamic worker in its own process
+(:mod:`mole.monolithic`), so that worker is not started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+from urllib.parse import urlsplit
+
+from shared.mapping import MoleMapping, load_mapping
+from shared.table import format_table
+
+READY_PATH = "/health/ready"  # 200 once the service has loaded its model
+DEFAULT_READY_TIMEOUT_S = 180.0  # wait_ready's default budget for every service together
+DEFAULT_STOP_GRACE_S = 45.0  # SIGTERM -> SIGKILL; > 2 x the services' default drain timeout (20 s)
+POLL_INTERVAL_S = 0.25  # readiness probe and child liveness period
+LOG_TAIL_LINES = 30  # log lines shown when a child fails
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # listen-all -> probe address
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+Role = Literal["worker", "coordinator"]
+State = Literal["pending", "starting", "loading", "ready", "exited", "stopped"]
+
+
+class StackError(Exception):
+    """A service could not be brought up; the message says which service and why."""
+
+
+class ServiceExited(StackError):
+    """A child exited while it was starting or running."""
+
+    def __init__(self, service: ServiceProcess):
+        self.service = service
+        self.returncode = service.returncode
+        super().__init__(
+            f"{service.name} exited with code {service.returncode} "
+            f"(log: {service.log_path}); last lines:\n{service.log_tail()}"
+        )
+
+
+class ReadyTimeout(StackError):
+    """Some services were not ready within the timeout."""
+
+
+@dataclass
+class ServiceProcess:
+    """One child: what it runs, where it listens, its log, and what the last probe saw.
+
+    Contract: :meth:`spawn` starts it once; :meth:`wait_ready` returns when ``/health/ready``
+    answers 200 and raises :class:`ServiceExited` / :class:`ReadyTimeout` otherwise; :meth:`stop`
+    is idempotent and returns only when the child and everything in its process group is gone.
+    """
+
+    name: str  # worker id, or "coordinator"
+    role: Role
+    url: str  # URL from the mapping: where it listens
+    args: list[str]  # mole.cli arguments
+    log_path: Path
+    state: State = "pending"
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float | None = None  # time.monotonic() at spawn
+    ready_after_s: float | None = None  # seconds from spawn to the first 200 on READY_PATH
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        """Listen address (the URL's host)."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Listen port (the URL's port, else the scheme's default)."""
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def probe_url(self) -> str:
+        """Where this machine reaches it (loopback for a 0.0.0.0 listener)."""
+        host = _WILDCARD_HOSTS.get(self.host, self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the child's log (empty when unreadable)."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def spawn(
+        self,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+        tie_to_parent: bool = False,
+    ) -> None:
+        """Start ``python -m mole.cli ARGS`` in a new session, output to ``log_path`` (truncated).
+
+        ``env`` is laid over this process's environment. ``tie_to_parent`` (for a command such as
+        ``mole up`` that spawns from its main thread and runs no other threads: it uses a
+        ``preexec_fn``) blocks SIGINT/SIGTERM during the fork so a Ctrl-C cannot land between fork
+        and bookkeeping, and on Linux has the child receive SIGTERM when the spawning thread dies
+        without cleaning up (e.g. SIGKILL), so no child outlives it.
+        """
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if tie_to_parent else None
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-m", "mole.cli", *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                cwd=cwd,
+                start_new_session=True,  # own process group: the terminal's Ctrl-C reaches only us
+                preexec_fn=_child_setup if tie_to_parent else None,
+            )
+            self.started_at = time.monotonic()
+            self.state = "starting"
+        except BaseException:
+            self._close_log()
+            raise
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def poll_ready(self) -> bool:
+        """Probe ``/health/ready`` once (not again once it answered 200); True when ready. Raises
+        :class:`ServiceExited` when the child is not running."""
+        if self.state == "ready":
+            return True
+        if not self.running():
+            self.state = "exited"
+            raise ServiceExited(self)
+        self.state = _probe(self.probe_url)
+        if self.state == "ready" and self.started_at is not None:
+            self.ready_after_s = time.monotonic() - self.started_at
+        return self.state == "ready"
+
+    def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> None:
+        """Poll until ready; :class:`ServiceExited` / :class:`ReadyTimeout` otherwise."""
+        wait_ready([self], timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = DEFAULT_STOP_GRACE_S) -> int | None:
+        """Send ``sig`` to the child's process group and SIGKILL it after ``grace_s``; returns the
+        exit code. Idempotent."""
+        stop_together([self], grace_s, sig=sig)
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group at once."""
+        self.stop(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group (its pid is the group id)."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def wait_ready(
+    services: Sequence[ServiceProcess],
+    timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Poll every service's ``/health/ready`` until all answer 200.
+
+    ``progress(elapsed_s)`` is called after every polling round. Raises :class:`ServiceExited` as
+    soon as a child exits and :class:`ReadyTimeout` after ``timeout_s``.
+    """
+    begin = time.monotonic()
+    while True:
+        pending = [s for s in services if not s.poll_ready()]
+        elapsed = time.monotonic() - begin
+        if progress is not None:
+            progress(elapsed)
+        if not pending:
+            return
+        if elapsed > timeout_s:
+            waiting = ", ".join(f"{s.name} ({s.state})" for s in pending)
+            logs = "\n".join(f"{s.name}: {s.log_path}\n{s.log_tail(10)}" for s in services)
+            raise ReadyTimeout(f"not ready after {timeout_s:.0f}s: {waiting}\n{logs}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def stop_together(
+    services: Sequence[ServiceProcess],
+    grace_s: float = DEFAULT_STOP_GRACE_S,
+    *,
+    sig: int = signal.SIGTERM,
+    hurried: Callable[[], bool] = lambda: False,
+) -> None:
+    """Send ``sig`` to every running service's process group at once, wait for them (until
+    ``grace_s`` or ``hurried()``), SIGKILL the stragglers and whatever is left in each group, close
+    the logs. Idempotent."""
+    live = [s for s in services if s.running()]
+    for s in live:
+        s.signal_group(sig)
+    deadline = time.monotonic() + grace_s
+    for s in live:
+        assert s.proc is not None
+        while s.proc.poll() is None and time.monotonic() < deadline and not hurried():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                s.proc.wait(timeout=0.1)
+        if s.proc.poll() is None:
+            s.signal_group(signal.SIGKILL)
+            s.proc.wait()
+    for s in services:
+        if s.proc is not None:
+            s.signal_group(signal.SIGKILL)  # leftovers of the group (the leader is reaped)
+            if s.state != "exited":
+                s.state = "stopped"
+        s._close_log()
+
+
+ProgressFn = Callable[["Stack", float], None]
+
+
+class Stack:
+    """The coordinator plus every local worker of a mapping, as child processes.
+
+    Contract: :meth:`start` spawns workers (mapping order) and then the coordinator after checking
+    that every port is free; :meth:`wait_ready` returns when every ``/health/ready`` answers 200 and
+    raises :class:`ServiceExited` / :class:`ReadyTimeout` otherwise; :meth:`stop` is idempotent and
+    returns only when every child and everything in its process group is gone. Used as a context
+    manager, the stack is stopped on exit whatever happened. ``tie_to_parent`` is
+    :meth:`ServiceProcess.spawn`'s (leave it on for a command's main thread, off where threads run).
+    """
+
+    def __init__(
+        self,
+        mapping_path: str | Path,
+        *,
+        run_dir: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        python: str = sys.executable,
+        stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        tie_to_parent: bool = True,
+    ):
+        self.mapping_path = Path(mapping_path).resolve()
+        self.mapping: MoleMapping = load_mapping(self.mapping_path)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="mole-up-"))
+        self.env = dict(env or {})
+        self.python = python
+        self.stop_grace_s = stop_grace_s
+        self.tie_to_parent = tie_to_parent
+        self.started_at: float | None = None
+        self._hurry = False
+        config = ["--config", str(self.mapping_path)]
+        # A monolithic coordinator serves one dynamic worker in its own process: not started here.
+        self.inprocess_worker = _inprocess_worker_id(self.mapping)
+        own = [w for w in self.mapping.workers if w.id != self.inprocess_worker]
+        self.workers = [
+            self._service(w.id, "worker", w.url, ["worker", *config, "--worker-id", w.id])
+            for w in own
+            if w.is_local()
+        ]
+        coord = self.mapping.coordinator
+        self.coordinator = self._service("coordinator", "coordinator", coord.url, ["coordinator", *config])
+        self.remote_workers = [w for w in own if not w.is_local()]
+
+    def _service(self, name: str, role: Role, url: str, args: list[str]) -> ServiceProcess:
+        return ServiceProcess(name=name, role=role, url=url, args=args, log_path=self.run_dir / f"{name}.log")
+
+    @property
+    def services(self) -> list[ServiceProcess]:
+        """Workers first, then the coordinator: the start order."""
+        return [*self.workers, self.coordinator]
+
+    def service(self, name: str) -> ServiceProcess:
+        """The started service called ``name`` (a worker id or "coordinator"); KeyError otherwise."""
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check ports, then spawn the workers and the coordinator (without waiting for readiness).
+
+        Raises ``StackError`` naming the service whose port is taken; nothing is started then.
+        """
+        self._check_ports()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        try:
+            for service in self.services:
+                service.spawn(python=self.python, env=self.env, tie_to_parent=self.tie_to_parent)
+        except BaseException:
+            self.stop()
+            raise
+        self.write_state()
+
+    def wait_ready(
+        self, timeout_s: float = DEFAULT_READY_TIMEOUT_S, progress: ProgressFn | None = None
+    ) -> None:
+        """Poll every service's ``/health/ready`` until all answer 200 (see :func:`wait_ready`);
+        ``progress(stack, elapsed_s)`` is called after every polling round."""
+        wait_ready(self.services, timeout_s, None if progress is None else lambda t: progress(self, t))
+        self.write_state()
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServiceExited` for the first child that is no longer running."""
+        for service in self.services:
+            if service.proc is not None and not service.running():
+                service.state = "exited"
+                raise ServiceExited(service)
+
+    def hurry(self) -> None:
+        """Make a running or later :meth:`stop` skip the grace period (a second Ctrl-C)."""
+        self._hurry = True
+
+    def stop(self) -> None:
+        """SIGTERM the coordinator and wait (it drains in-flight requests that need the workers),
+        then SIGTERM the workers together; SIGKILL whatever outlives ``stop_grace_s``. Idempotent."""
+        for group in ([self.coordinator], self.workers):
+            stop_together(group, self.stop_grace_s, hurried=lambda: self._hurry)
+        if self.started_at is not None:
+            self.write_state()
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def table(self) -> str:
+        """Aligned table of every service: name, role, state, pid, URL, log."""
+        rows: list[tuple[str, ...]] = []
+        for s in self.services:
+            rows.append((s.name, s.role, s.state, str(s.pid or "-"), s.probe_url, str(s.log_path)))
+        for w in self.remote_workers:
+            rows.append((w.id, "worker", "remote", "-", w.url, "(not started here)"))
+        if self.inprocess_worker is not None:  # monolithic: served inside the coordinator
+            co = self.coordinator
+            rows.append(
+                (
+                    self.inprocess_worker,
+                    "worker",
+                    "in-process",
+                    str(co.pid or "-"),
+                    co.probe_url,
+                    str(co.log_path),
+                )
+            )
+        return format_table(("SERVICE", "ROLE", "STATE", "PID", "URL", "LOG"), rows)
+
+    def write_state(self) -> None:
+        """Write ``RUN_DIR/stack.json``: mapping, and per service its pid, URL, state and log."""
+        doc = {
+            "mapping": str(self.mapping_path),
+            "services": [
+                {
+                    "name": s.name,
+                    "role": s.role,
+                    "pid": s.pid,
+                    "url": s.probe_url,
+                    "port": s.port,
+                    "state": s.state,
+                    "log": str(s.log_path),
+                    "returncode": s.returncode,
+                }
+                for s in self.services
+            ],
+        }
+        path = self.run_dir / "stack.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _check_ports(self) -> None:
+        seen: dict[int, str] = {}
+        for s in self.services:
+            if s.port in seen:
+                raise StackError(f"{s.name} and {seen[s.port]} both want port {s.port}; fix the mapping")
+            seen[s.port] = s.name
+            if not _port_free(s.host, s.port):
+                raise StackError(
+                    f"port {s.port} of {s.name} ({s.url}) is already in use; "
+                    "stop whatever holds it or change the URL in the mapping"
+                )
+
+
+def _inprocess_worker_id(mapping: MoleMapping) -> str | None:
+    """The worker a monolithic mapping's coordinator serves in-process (None when not monolithic)."""
+    if not mapping.monolithic:
+        return None
+    from mole.monolithic import inprocess_worker
+
+    return inprocess_worker(mapping).id
+
+
+def _child_setup() -> None:
+    """Runs in the child between fork and exec: unblock the stop signals and, on Linux, ask for
+    SIGTERM when the parent dies without cleaning up (e.g. SIGKILL), so no child outlives it."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+@functools.cache
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+
+
+def _probe(base_url: str) -> State:
+    try:
+        with _opener().open(base_url + READY_PATH, timeout=1.0) as resp:
+            return "ready" if resp.status == 200 else "loading"
+    except urllib.error.HTTPError:
+        return "loading"  # listening, answering 503 until the model is loaded
+    except (OSError, ValueError):
+        return "starting"  # not listening yet (URLError, refused, timeout)
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
