@@ -51,7 +51,7 @@ _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # list
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 Role = Literal["worker", "coordinator"]
-State = Literal["pending", "starting", "loading", "ready", "exited", "stopped"]
+State = Literal["pending", "starting", "loading", "ready", "failed", "exited", "stopped"]
 
 
 class StackError(Exception):
@@ -68,6 +68,14 @@ class ServiceExited(StackError):
             f"{service.name} exited with code {service.returncode} "
             f"(log: {service.log_path}); last lines:\n{service.log_tail()}"
         )
+
+
+class ServiceFailed(StackError):
+    """A child is running but reports that it failed to load (``/health/ready`` status ``failed``)."""
+
+    def __init__(self, service: ServiceProcess, error: str):
+        self.service = service
+        super().__init__(f"{service.name} failed to load: {error} (log: {service.log_path})")
 
 
 class ReadyTimeout(StackError):
@@ -178,7 +186,9 @@ class ServiceProcess:
         if not self.running():
             self.state = "exited"
             raise ServiceExited(self)
-        self.state = _probe(self.probe_url)
+        self.state, error = _probe(self.probe_url)
+        if self.state == "failed":
+            raise ServiceFailed(self, error or "no reason given")
         if self.state == "ready" and self.started_at is not None:
             self.ready_after_s = time.monotonic() - self.started_at
         return self.state == "ready"
@@ -461,14 +471,21 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
 
 
-def _probe(base_url: str) -> State:
+def _probe(base_url: str) -> tuple[State, str | None]:
+    """(state, error): ``failed`` with the service's error when its readiness body says so."""
     try:
         with _opener().open(base_url + READY_PATH, timeout=1.0) as resp:
-            return "ready" if resp.status == 200 else "loading"
-    except urllib.error.HTTPError:
-        return "loading"  # listening, answering 503 until the model is loaded
+            return ("ready" if resp.status == 200 else "loading"), None
+    except urllib.error.HTTPError as exc:  # listening, answering 503 until the model is loaded
+        try:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            body = {}
+        if isinstance(body, dict) and body.get("status") == "failed":
+            return "failed", str(body.get("error") or "")
+        return "loading", None
     except (OSError, ValueError):
-        return "starting"  # not listening yet (URLError, refused, timeout)
+        return "starting", None  # not listening yet (URLError, refused, timeout)
 
 
 def _port_free(host: str, port: int) -> bool:

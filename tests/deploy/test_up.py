@@ -126,3 +126,24 @@ def test_stack_refuses_a_port_in_use_before_starting_anything(demo_assets: Path,
         with pytest.raises(StackError, match=f"port {port} of merged-claim"):
             stack.start()
     assert all(s.proc is None for s in stack.services)
+
+
+def test_up_reports_a_worker_that_failed_to_load_at_once(demo_assets: Path, tmp_path: Path) -> None:
+    """A worker whose model folder holds no checkpoint (an empty mount) answers ``failed``:
+    ``mole up`` says which and why and exits 1 without waiting out its ready timeout, leaving
+    nothing running."""
+    mapping = demo_mapping_copy(demo_assets, tmp_path)
+    doc = json.loads(mapping.read_text())
+    missing = tmp_path / "empty-mount"
+    missing.mkdir()
+    next(w for w in doc["workers"] if w["id"] == "dynamic-0")["model"] = str(missing)
+    mapping.write_text(json.dumps(doc))
+    log_dir, out = tmp_path / "logs", tmp_path / "up.out"
+    t0 = time.monotonic()
+    up = _mole_up(mapping, log_dir, out)
+    assert _wait_exit(up, READY_TIMEOUT_S / 2) == 1
+    text = out.read_text(errors="replace")
+    assert "dynamic-0 failed to load" in text and str(missing) in text, text
+    assert time.monotonic() - t0 < READY_TIMEOUT_S / 2
+    ports = [int(w["url"].rsplit(":", 1)[1]) for w in doc["workers"]]
+    assert all(_port_free(p) for p in ports)
