@@ -387,7 +387,9 @@ def write_weights(out: Path, seed: int, max_shard_size: str) -> None:
     """Random weights for :data:`CONFIG`, saved in bfloat16 and sharded like the hub's."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" would flood the test output
     torch.manual_seed(seed)
     config = Qwen3VLConfig.from_dict(json.loads(json.dumps(CONFIG)))
     # A wide init: at 0.02 a 64-wide random model's logits are nearly flat and a LoRA barely moves them.
