@@ -77,7 +77,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_adapter(args: argparse.Namespace) -> int:
-    from mole.merge import ParityError, merge_adapter
+    from mole.merge import ParityError, make_world_readable, merge_adapter
     from shared.modeling import weights_hash
 
     src = Path(args.checkpoint)
@@ -93,6 +93,7 @@ def cmd_deploy_adapter(args: argparse.Namespace) -> int:
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(src, staging)
+    make_world_readable(staging)
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
@@ -104,6 +105,7 @@ def cmd_deploy_adapter(args: argparse.Namespace) -> int:
         "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (dest.parent / "deploy_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    make_world_readable(dest.parent)  # loras/<name>: the adapter and its metadata
     print(f"deployed adapter {args.name!r} -> {dest}")
     if args.merge:
         if not args.base:

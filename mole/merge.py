@@ -3,9 +3,10 @@
 Steps: load the base in float32, attach the adapter, record the unmerged model's answers on a
 golden probe set, merge with PEFT's ``safe_merge`` (in float32: bf16 merges drift), record the
 merged model's answers, compare (max logit difference, top-1 agreement, exact greedy output),
-cast to the target dtype, save to a staging folder with the processor files and
-``merge_metadata.json``, and only then swap it in, keeping the previous version in
-``<out>.prev`` for :func:`rollback`.
+cast to the target dtype, save to a staging folder with every non-weight file of the base
+(tokenizer, processor and video-processor configs, chat template, ...) and
+``merge_metadata.json``, make it world-readable, and only then swap it in, keeping the previous
+version in ``<out>.prev`` for :func:`rollback`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 from mole import synthetic
 from shared.modeling import (
     METADATA_FILE,
-    PROCESSOR_FILES,
     GenerationParams,
     generate,
     load_model,
@@ -173,9 +173,7 @@ def merge_adapter(
         shutil.rmtree(staging)
     merged = merged.to(resolve_dtype(dtype))
     merged.save_pretrained(staging)
-    for name in PROCESSOR_FILES:
-        if (base / name).exists():
-            shutil.copy2(base / name, staging / name)
+    copy_non_weight_files(base, staging)
     manifest = {
         "base": {"path": str(base), "sha256": weights_hash(base)},
         "adapter": {"path": str(adapter), "sha256": weights_hash(adapter)},
@@ -187,9 +185,34 @@ def merge_adapter(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (staging / METADATA_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    make_world_readable(staging)
     _publish(staging, out)
     logger.info("merged %s into %s (max logit diff %.2g)", adapter, out, figures["max_abs_logit_diff"])
     return manifest
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def copy_non_weight_files(base: Path, staging: Path) -> list[str]:
+    """Copy the base's top-level files that are neither weights nor already written by the merge
+    (configs, tokenizer files, chat templates, video processor config, ...); returns their names."""
+    copied = []
+    for path in sorted(base.iterdir()):
+        if not path.is_file() or path.name.endswith(WEIGHT_SUFFIXES) or (staging / path.name).exists():
+            continue
+        shutil.copy2(path, staging / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def make_world_readable(root: Path) -> None:
+    """Published files 0644, folders 0755, whatever the umask (safetensors writes 0600), so a
+    worker running as another user can read them."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _previous(out: Path) -> Path:

@@ -1,10 +1,12 @@
 """Qwen3-VL model and processor loading, prompt building, batched generation and label scoring.
 
 One code path serves a real ``Qwen/Qwen3-VL-8B-Instruct`` folder and the tiny demo checkpoints:
-both are loaded with ``AutoModelForImageTextToText`` and ``AutoProcessor``. Where torchvision is
-missing (the CPU wheels on our machines), ``AutoProcessor`` cannot build Qwen3-VL's video processor;
-we then assemble an image-only processor from the same folder's tokenizer, chat template and
-``preprocessor_config.json`` (``Qwen2VLImageProcessorPil``, patch size from the file).
+both are loaded with ``AutoModelForImageTextToText`` and, where torchvision is installed,
+``AutoProcessor``. Without torchvision (the CPU wheels on our machines) transformers cannot build
+Qwen3-VL's video processor (nor the ``Qwen2VLImageProcessorFast`` a real folder names), so we
+assemble an image-only processor from the same folder's tokenizer, chat template and
+``preprocessor_config.json`` (``Qwen2VLImageProcessorPil``, sizes from the file). The same fallback
+is used, with a warning, when ``AutoProcessor`` fails for any other reason.
 
 torch and transformers are imported lazily so ``shared`` stays light for the HTTP layer.
 """
@@ -12,6 +14,8 @@ torch and transformers are imported lazily so ``shared`` stays light for the HTT
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 # The files that make up a checkpoint's processor (hashed into manifests).
 PROCESSOR_FILES = (
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
@@ -82,27 +87,68 @@ def _checkpoint_dir(path: str | Path) -> Path:
     return folder
 
 
+def _named_template(value: Any) -> str | None:
+    """A chat template value as stored: a string, or named templates of which we take "default"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _named_template(value.get("default"))
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return _named_template(named.get("default"))
+    return None
+
+
+def read_chat_template(folder: Path, tokenizer: Any) -> str | None:
+    """The chat template from wherever a checkpoint keeps it, first found wins:
+    ``chat_template.jinja``, ``chat_template.json`` (``{"chat_template": ...}``), then the
+    tokenizer's (``tokenizer_config.json``)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = folder / "chat_template.json"
+    if as_json.is_file():
+        template = _named_template(json.loads(as_json.read_text(encoding="utf-8")).get("chat_template"))
+        if template:
+            return template
+    return _named_template(getattr(tokenizer, "chat_template", None))
+
+
+def torchvision_available() -> bool:
+    """Whether torchvision can be imported (transformers needs it for Qwen3-VL's video processor)."""
+    return importlib.util.find_spec("torchvision") is not None
+
+
 def load_processor(path: str | Path) -> Any:
     """Load the processor of a Qwen3-VL checkpoint folder; tokenizer pads on the left for generation.
 
-    Raises ``ValueError`` when the folder yields no image processor (e.g. a text-only tokenizer).
+    Without torchvision, or when ``AutoProcessor`` fails, builds the image-only processor (see the
+    module docstring). Raises ``ValueError`` when the folder yields no image processor or no chat
+    template.
     """
     from transformers import AutoProcessor, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = str(_checkpoint_dir(path))
-    processor: Any
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except ImportError as exc:  # torchvision missing: the video processor cannot be built
-        logger.debug("AutoProcessor unavailable (%s); building the image-only processor", exc)
-        processor = None
-    if processor is None or getattr(processor, "image_processor", None) is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        processor = image_only_processor(image_processor, tokenizer, tokenizer.chat_template)
-    if getattr(processor, "image_processor", None) is None or processor.chat_template is None:
-        raise ValueError(f"{path}: no Qwen3-VL image processor or chat template found")
+    folder = _checkpoint_dir(path)
+    processor: Any = None
+    if not torchvision_available():
+        logger.debug("%s: torchvision is not installed; building the image-only processor", folder)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(str(folder))
+        except Exception as exc:  # whatever transformers raises, the image-only processor may still do
+            logger.warning(
+                "%s: AutoProcessor failed (%s: %s); building the image-only processor",
+                folder,
+                type(exc).__name__,
+                exc,
+            )
+    if getattr(processor, "image_processor", None) is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder))
+        processor = image_only_processor(image_processor, tokenizer, read_chat_template(folder, tokenizer))
+    if getattr(processor, "image_processor", None) is None or not processor.chat_template:
+        raise ValueError(f"{folder}: no Qwen3-VL image processor or chat template found")
     processor.tokenizer.padding_side = "left"
     return processor
 

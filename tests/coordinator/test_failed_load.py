@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from support import Service, ThreadServer, demo_mapping_copy, free_port, worker_process
+from support import ThreadServer, demo_mapping_copy, free_port, worker_process
 
 from coordinator.app import create_app
+from mole.supervisor import ServiceProcess
 from shared.settings import Settings
 
 
@@ -38,7 +39,7 @@ def test_a_worker_whose_model_folder_is_missing_is_reported_failed(demo_assets: 
     worker_mapping = tmp_path / "worker.json"
     worker_mapping.write_text(json.dumps(doc))
 
-    worker: Service = worker_process(worker_mapping, "dynamic-0", tmp_path)
+    worker: ServiceProcess = worker_process(worker_mapping, "dynamic-0", tmp_path)
     coordinator = ThreadServer(create_app(Settings(torch_threads=1), coordinator_mapping), free_port())
     try:
         ready = _poll(
@@ -48,7 +49,7 @@ def test_a_worker_whose_model_folder_is_missing_is_reported_failed(demo_assets: 
         assert ready.status_code == 503
         body = ready.json()
         assert body["status"] == "failed" and str(missing) in body["error"], body
-        assert worker.proc.poll() is None  # alive, so probes and operators can read why
+        assert worker.running()  # alive, so probes and operators can read why
 
         coordinator.wait_started()
         rows = _poll(
