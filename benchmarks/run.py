@@ -27,6 +27,7 @@ SCENARIOS: dict[str, str] = {
     "system": "benchmarks.system",
     "overhead": "benchmarks.overhead",
     "cost-growth": "benchmarks.cost_growth",
+    "router-budget": "benchmarks.router_budget",
 }
 
 
