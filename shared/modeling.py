@@ -84,6 +84,8 @@ def _checkpoint_dir(path: str | Path) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder does not exist: {folder}")
+    if not (folder / "config.json").is_file():  # e.g. a volume that is not mounted or still copying
+        raise FileNotFoundError(f"no checkpoint in {folder}: config.json is missing")
     return folder
 
 
