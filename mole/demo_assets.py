@@ -117,12 +117,13 @@ def build_tokenizer(corpus: Sequence[str]) -> Any:
     return tokenizer
 
 
-def _corpus() -> list[str]:
+def tokenizer_corpus(repeat: int = 20) -> list[str]:
+    """The text the demo tokenizer's BPE is trained on: prompts, answers, digits."""
     lines = [ROUTER_PROMPT, *synthetic.PROMPTS, "system user assistant", "0 1 2 3 4 5 6 7 8 9"]
     for expert in synthetic.KINDS:
         for color in synthetic.COLORS:
             lines.append(synthetic.expected_output(expert, color))
-    return lines * 20
+    return lines * repeat
 
 
 def build_base(out: Path, recipe: Recipe) -> None:
@@ -131,7 +132,7 @@ def build_base(out: Path, recipe: Recipe) -> None:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = build_tokenizer(_corpus())
+    tokenizer = build_tokenizer(tokenizer_corpus())
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=16,
         temporal_patch_size=2,

@@ -321,17 +321,6 @@ def tokenizer_config(*, with_template: bool) -> dict[str, Any]:
 
 
 # ---- building ------------------------------------------------------------------------------------
-def _corpus() -> list[str]:
-    from mole import synthetic
-    from mole.demo_assets import ROUTER_PROMPT
-
-    lines = [ROUTER_PROMPT, *synthetic.PROMPTS, "system user assistant", "0 1 2 3 4 5 6 7 8 9"]
-    for expert in synthetic.KINDS:
-        for color in synthetic.COLORS:
-            lines.append(synthetic.expected_output(expert, color))
-    return lines * 10
-
-
 def write_tokenizer(out: Path) -> None:
     """A byte-level BPE with Qwen2's pipeline, padded so the real special tokens sit at their real ids."""
     from tokenizers import (
@@ -346,6 +335,8 @@ def write_tokenizer(out: Path) -> None:
         trainers,
     )
 
+    from mole.demo_assets import tokenizer_corpus
+
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -357,7 +348,7 @@ def write_tokenizer(out: Path) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.train_from_iterator(tokenizer_corpus(10), trainer)
     spec = json.loads(bpe.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     # Unreachable placeholders (no merge makes them) fill the ids up to the first special token.

@@ -110,3 +110,14 @@ def misbehaving_worker(worker_id: str, adapter: str, behaviour: str = "hang", mo
         return Response(b'{"output": "half a resp', media_type="application/json")
 
     return app
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll ``predicate()`` every 0.1 s until it is true; ``AssertionError`` naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

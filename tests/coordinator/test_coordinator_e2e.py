@@ -25,6 +25,7 @@ from support import (
     demo_mapping_copy,
     free_port,
     misbehaving_worker,
+    wait_for,
     worker_process,
 )
 
@@ -116,7 +117,7 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         inproc.wait_started()
         proc.wait_ready(120)
         for url in (inproc.url, proc.url):
-            _wait(lambda url=url: _all_up(url), f"{url}: every demo worker probed up")
+            wait_for(lambda url=url: _all_up(url), f"{url}: every demo worker probed up")
         yield stack
     finally:
         inproc.stop()
@@ -124,15 +125,6 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         proc.stop()
         for service in stack.workers.values():
             service.stop()
-
-
-def _wait(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _all_up(url: str) -> bool:
@@ -274,10 +266,10 @@ def test_killed_merged_worker_falls_back_to_dynamic_and_returns_after_restart(st
             assert served["adapter"] == "claim" and served["worker_id"] == "dynamic-0"
             assert served["mode"] == "dynamic" and served["degraded"] is True
             assert synthetic.EXPERT_FORMATS["claim"].match(served["output"])
-        _wait(lambda: _workers(client)["merged-claim"]["state"] == "down", "merged-claim marked down")
+        wait_for(lambda: _workers(client)["merged-claim"]["state"] == "down", "merged-claim marked down")
 
         stack.restart_worker("merged-claim").wait_ready(120)
-        _wait(lambda: _workers(client)["merged-claim"]["state"] == "up", "merged-claim back up")
+        wait_for(lambda: _workers(client)["merged-claim"]["state"] == "up", "merged-claim back up")
         served = client.post("/classify", json=_sample_body(claim)).json()
         assert served["worker_id"] == "merged-claim" and served["mode"] == "merged"
         assert served["degraded"] is False
@@ -353,7 +345,7 @@ def test_sighup_reloads_the_coordinator_process(stack: Stack) -> None:
     doc["workers"] = [w for w in doc["workers"] if w["id"] != "ghost-0"]
     stack.proc_mapping.write_text(json.dumps(doc))
     stack.proc.proc.send_signal(signal.SIGHUP)
-    _wait(lambda: "ghost" not in models(), "SIGHUP reload")
+    wait_for(lambda: "ghost" not in models(), "SIGHUP reload")
 
 
 # ---- OpenAI compatibility -----------------------------------------------------------------------

@@ -12,7 +12,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from realformat import TEMPLATE_LAYOUTS, TOKEN_IDS, non_weight_files
-from support import coordinator_process, free_port, worker_process
+from support import coordinator_process, free_port, wait_for, worker_process
 
 from mole import synthetic
 from mole.supervisor import ServiceProcess
@@ -190,15 +189,6 @@ def _write_mapping(realformat: Path, merged: Path, out: Path) -> Path:
     return out
 
 
-def _wait(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def stack(realformat: Path, merged: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("realformat-stack")
@@ -209,7 +199,7 @@ def stack(realformat: Path, merged: Path, tmp_path_factory: pytest.TempPathFacto
     try:
         for service in [*workers.values(), coordinator]:
             service.wait_ready(120)
-        _wait(
+        wait_for(
             lambda: all(
                 w["state"] == "up" for w in httpx.get(f"{coordinator.url}/workers").json()["workers"]
             ),
