@@ -82,7 +82,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_summary(manifest: dict) -> str:
-    from mole.merge import GIB
+    from mole.merge import GIB, describe_need
     from shared.modeling import METADATA_FILE
 
     parity, memory = manifest["parity"], manifest["memory"]
@@ -98,7 +98,7 @@ def _merge_summary(manifest: dict) -> str:
         f"greedy {n - dyn['greedy_mismatches']}/{n}\n"
         f"  merged vs unmerged in {parity['dtype']}: max logit diff {parity['max_abs_logit_diff']:.2e}, "
         f"greedy exact {parity['greedy_exact_match']:.0%}\n"
-        f"  peak RSS {memory['measured_peak_rss_bytes'] / GIB:.2f} GiB; "
+        f"  peak RSS {memory['measured_peak_rss_bytes'] / GIB:.2f} GiB (stated need: {describe_need(memory)}); "
         f"{manifest['seconds']:.1f} s\n"
         f"  merged sha256 {manifest['merged']['sha256'][:16]}…  metadata: {METADATA_FILE}"
     )

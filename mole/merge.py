@@ -278,13 +278,16 @@ def memory_need(plan: MergePlan, device: str) -> dict[str, Any]:
     }
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def describe_need(need: dict[str, Any]) -> str:
     return (
-        f"streaming merge ≈ {need['stream_peak_bytes'] / GIB:.2f} GiB host RAM "
+        f"streaming merge ≈ {_size(need['stream_peak_bytes'])} host RAM "
         f"(largest tensor {need['stream_largest_tensor']}); parity gate ≈ "
-        f"{need['parity_model_bytes'] / GIB:.2f} GiB on {need['device']} (float32 reference, one model "
-        f"at a time) and ≈ {need['parity_host_bytes'] / GIB:.2f} GiB host RAM; writes "
-        f"{need['merged_bytes'] / GIB:.2f} GiB"
+        f"{_size(need['parity_model_bytes'])} on {need['device']} (float32 reference, one model "
+        f"at a time) and ≈ {_size(need['parity_host_bytes'])} host RAM; writes {_size(need['merged_bytes'])}"
     )
 
 
