@@ -100,7 +100,10 @@ def test_without_torchvision_a_folder_lacking_the_video_config_still_loads(
 
 @pytest.fixture(scope="module")
 def merged(realformat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``mole merge`` of the random LoRA into the real-format base, under a umask that hides files."""
+    """``mole merge`` of the random LoRA into the real-format base, under a umask that hides files.
+
+    Written in float32 (the base is bfloat16) so the stack below compares merged and dynamic workers
+    in float32 end to end; the bfloat16 merge is ``test_merge_realformat.py``'s."""
     out = tmp_path_factory.mktemp("realformat-merge") / "merged-expert"
     result = mole(
         "merge",
@@ -110,6 +113,8 @@ def merged(realformat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(realformat / "loras/expert/adapter"),
         "--out",
         str(out),
+        "--dtype",
+        "float32",
         umask=0o077,
     )
     assert result.returncode == 0, result.stderr
@@ -125,7 +130,15 @@ def test_merge_publishes_every_non_weight_file_of_the_base(realformat: Path, mer
     assert not missing, f"merged checkpoint lacks {sorted(missing)}"
     for name in non_weight_files(base) - {"config.json", "generation_config.json"}:
         assert (merged / name).read_bytes() == (base / name).read_bytes(), name
-    assert not any(p.name.startswith("model-") for p in merged.iterdir())  # no base shard copied
+    # the weights are the streaming merge's: the base's shard names and index, not copies of its shards
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert (
+        shards
+        == sorted(set(index["weight_map"].values()))
+        == sorted(p.name for p in base.glob("*.safetensors"))
+    )
+    assert all((merged / s).read_bytes() != (base / s).read_bytes() for s in shards)  # float32, merged
     assert json.loads((merged / METADATA_FILE).read_text())["parity"]["passed"]
 
 
