@@ -79,6 +79,30 @@ class CoordinatorMetrics:
             ["worker"],
             registry=r,
         )
+        self.worker_in_flight = Gauge(
+            "mole_coordinator_worker_in_flight",
+            "Requests the coordinator has sent to the worker and not yet had answered",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_capacity = Gauge(
+            "mole_coordinator_worker_capacity",
+            "Requests the coordinator sends the worker at once (max_containers x max_concurrency)",
+            ["worker"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "mole_coordinator_waiting_requests",
+            "Requests waiting at the coordinator for a free worker slot (where an autoscaled backlog builds)",
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mole_coordinator_request_seconds",
+            "End-to-end latency of served requests (route + dispatch), by adapter",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ejections = Counter(
             "mole_coordinator_worker_ejections_total",
             "Times a worker was ejected after consecutive failures",

@@ -41,6 +41,8 @@ class Replica:
     consecutive_failures: int = 0
     times_ejected: int = 0
     ejected_until: float = 0.0  # time.monotonic() until which the replica is not used
+    throttled_until: float = 0.0  # time.monotonic() until which throttle_limit caps in_flight
+    throttle_limit: int = 0  # in-flight requests the worker took when it last answered 429
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -49,10 +51,25 @@ class Replica:
         """Ready (or not probed yet) and not ejected."""
         return self.state in ("up", "unknown") and not self.ejected(now)
 
+    def limit(self, now: float) -> int:
+        """In-flight requests allowed now: the worker's capacity (``max_containers ×
+        max_concurrency``, see :attr:`WorkerSpec.capacity`), lowered for a while after a 429."""
+        return self.throttle_limit if now < self.throttled_until else self.spec.capacity
+
     @property
     def has_slot(self) -> bool:
-        """Below the worker's ``max_concurrency``."""
-        return self.in_flight < self.spec.max_concurrency
+        """Below :meth:`limit`."""
+        return self.in_flight < self.limit(time.monotonic())
+
+    def load(self, now: float) -> float:
+        """In-flight requests as a fraction of :meth:`limit` (replicas of different sizes compare)."""
+        return self.in_flight / max(1, self.limit(now))
+
+    def throttle(self, retry_after_s: float | None, now: float) -> None:
+        """Backpressure from the worker's 429 (this request still in flight): until ``retry_after_s``
+        passes (1 s by default, at most 10 s), send no more than it held without refusing."""
+        self.throttle_limit = max(1, self.in_flight - 1)
+        self.throttled_until = now + min(10.0, retry_after_s or 1.0)
 
     def missing(self) -> list[str]:
         """Adapters the mapping assigns here that the worker does not report holding."""
@@ -79,6 +96,8 @@ class Replica:
             "ejected_for_s": round(max(0.0, self.ejected_until - now), 1),
             "times_ejected": self.times_ejected,
             "in_flight": self.in_flight,
+            "capacity": self.spec.capacity,
+            "limit": self.limit(now),
             "consecutive_failures": self.consecutive_failures,
             "reported_adapters": reported,
             "missing_adapters": self.missing(),

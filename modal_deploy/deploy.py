@@ -24,7 +24,8 @@ _URL = re.compile(r"https://[A-Za-z0-9.-]+\.modal\.run")
 
 
 def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
-    """Aligned table: app, GPU, containers min-max, scale-down, concurrency, auth, URL."""
+    """Aligned table: app, GPU, containers min-max, scale-down, concurrency per container, the
+    capacity the coordinator sends the app at once (max containers x concurrency), auth, URL."""
     rows: list[tuple[str, ...]] = []
     for s in specs:
         auth = "proxy+" if s.requires_proxy_auth else ""
@@ -36,11 +37,14 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
                 f"{s.min_containers}-{s.max_containers}",
                 f"{s.scaledown_window_s}s",
                 str(s.max_concurrency),
+                str(s.max_containers * s.max_concurrency),
                 auth,
                 s.url(workspace or "<workspace>"),
             )
         )
-    return format_table(("APP", "GPU", "CONTAINERS", "SCALEDOWN", "CONCURRENCY", "AUTH", "URL"), rows)
+    return format_table(
+        ("APP", "GPU", "CONTAINERS", "SCALEDOWN", "CONCURRENCY", "CAPACITY", "AUTH", "URL"), rows
+    )
 
 
 def deploy_one(spec: AppSpec) -> str | None:

@@ -206,6 +206,17 @@ class WorkerSpec(_HasUrl):
     scaledown_window_s: float = Field(default=300.0, ge=0)  # Modal: idle time before scale-down
     max_concurrency: int = Field(default=16, ge=1)  # concurrent requests one container accepts
 
+    @property
+    def capacity(self) -> int:
+        """Requests the coordinator sends this worker at once: ``max_containers × max_concurrency``.
+
+        An autoscaled endpoint (a Modal app) is one URL in front of up to ``max_containers``
+        containers of ``max_concurrency`` each; sending it only one container's worth would never
+        give its autoscaler a backlog to scale on. A worker that is one process (``mole up``,
+        compose) keeps ``max_containers`` at 1, so its capacity is its ``max_concurrency``.
+        """
+        return self.max_containers * self.max_concurrency
+
     def is_local(self) -> bool:
         """True when the worker's URL is loopback, i.e. ``mole up`` starts it on this machine."""
         return is_local_url(self.url)
