@@ -196,16 +196,32 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None)
     )
 
 
-def image_size(processor: Any, max_pixels: int | None) -> dict[str, int] | None:
-    """The image processor's ``size`` with its pixel budget lowered to ``max_pixels`` (None: the
-    checkpoint's own). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and at least
-    ``shortest_edge``), so this bounds the visual tokens of one image to about
+def image_size(
+    processor: Any, max_pixels: int | None, min_pixels: int | None = None
+) -> dict[str, int] | None:
+    """The image processor's ``size`` with its pixel budget set to ``max_pixels`` and ``min_pixels``
+    (None: the checkpoint's own). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and
+    at least ``shortest_edge``), so this bounds the visual tokens of one image to about
     ``max_pixels / (patch_size * merge_size)**2``."""
-    if max_pixels is None:
+    if max_pixels is None and min_pixels is None:
         return None
     size = processor.image_processor.size
-    low = getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
-    return {"shortest_edge": min(int(low), max_pixels), "longest_edge": max_pixels}
+    low = min_pixels or getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
+    high = max_pixels or getattr(size, "longest_edge", None) or size.get("longest_edge")
+    return {"shortest_edge": min(int(low), int(high)), "longest_edge": int(high)}
+
+
+def pixels_per_visual_token(processor: Any) -> int:
+    """Pixels one visual token covers: ``(patch_size * merge_size) ** 2`` (32x32 for Qwen3-VL)."""
+    ip = processor.image_processor
+    return int((ip.patch_size * getattr(ip, "merge_size", 1)) ** 2)
+
+
+def max_visual_tokens(processor: Any, max_pixels: int | None) -> int:
+    """The most visual tokens one image costs at budget ``max_pixels`` (None: the checkpoint's)."""
+    size = processor.image_processor.size
+    high = max_pixels or getattr(size, "longest_edge", None) or size.get("longest_edge")
+    return int(high) // pixels_per_visual_token(processor)
 
 
 def encode_batch(
@@ -215,14 +231,16 @@ def encode_batch(
     device: str,
     *,
     max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> dict:
     """Tokenize templated texts with their images into one left-padded batch on ``device``.
 
-    ``max_pixels`` lowers the image budget below the checkpoint's (see :func:`image_size`). An
+    ``max_pixels`` / ``min_pixels`` set the image budget instead of the checkpoint's (see
+    :func:`image_size`). An
     image the image processor cannot handle (e.g. an extreme aspect ratio) raises
     :class:`~shared.errors.InvalidInput` naming ``image_b64``.
     """
-    size = image_size(processor, max_pixels)
+    size = image_size(processor, max_pixels, min_pixels)
     extra: dict[str, Any] = {"size": size} if size is not None else {}
     try:
         batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True, **extra)
@@ -247,7 +265,9 @@ class GenerationParams:
 @dataclass(frozen=True)
 class Generated:
     text: str
-    tokens: int
+    tokens: int  # generated tokens
+    prompt_tokens: int = 0  # the row's prompt, its visual tokens included
+    image_tokens: int = 0  # visual tokens of the row's image
 
 
 def generate(
@@ -260,18 +280,23 @@ def generate(
     adapter_names: Sequence[str] | None = None,
     seed: int | None = None,
     row_max_new_tokens: Sequence[int] | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> list[Generated]:
     """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
 
     ``adapter_names`` selects a PEFT adapter per row (mixed-adapter batch); rows with
     ``"__base__"`` use the base model. ``row_max_new_tokens`` cuts each row at its own limit
     (the batch runs to ``params.max_new_tokens``), so under greedy decoding a row's output is the
-    one it would get alone with its own limit.
+    one it would get alone with its own limit. ``max_pixels`` / ``min_pixels``: the image budget
+    (see :func:`image_size`).
     """
     import torch
 
     device = str(next(model.parameters()).device)
-    batch = encode_batch(processor, images, texts, device)
+    batch = encode_batch(processor, images, texts, device, max_pixels=max_pixels, min_pixels=min_pixels)
+    prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+    image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
     if params.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -290,14 +315,15 @@ def generate(
         list(row_max_new_tokens) if row_max_new_tokens is not None else [params.max_new_tokens] * len(texts)
     )
     results = []
-    for row, limit in zip(new_tokens.tolist(), limits, strict=True):
+    rows = zip(new_tokens.tolist(), limits, prompt_tokens, image_tokens, strict=True)
+    for row, limit, n_prompt, n_image in rows:
         count = 0
         for tok in row[:limit]:
             count += 1
             if tok in eos_ids:
                 break
         text = tokenizer.decode(row[:count], skip_special_tokens=True)
-        results.append(Generated(text=text.strip(), tokens=count))
+        results.append(Generated(text.strip(), count, int(n_prompt), int(n_image)))
     return results
 
 

@@ -50,6 +50,8 @@ class InferResponse(_Strict):
     mode: Mode
     worker_id: str
     tokens_generated: int
+    prompt_tokens: int = 0  # the prompt's tokens, its image's visual tokens included
+    image_tokens: int = 0  # visual tokens of the image at the worker's image budget
     timings_ms: dict[str, float]
 
 
@@ -86,6 +88,9 @@ class WorkerInfo(_Strict):
     max_wait_ms: float
     max_queue: int
     max_new_tokens_cap: int
+    max_pixels: int | None = None  # image budget (None: the checkpoint's own)
+    min_pixels: int | None = None
+    max_image_tokens: int | None = None  # visual tokens one image costs at most (null while loading)
 
 
 class LoadAdapterRequest(_Strict):

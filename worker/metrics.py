@@ -45,6 +45,12 @@ class WorkerMetrics:
         )
         self.queue_depth = Gauge("mole_worker_queue_depth", "Requests waiting for a batch", registry=r)
         self.tokens = Counter("mole_worker_tokens_generated", "Generated tokens", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(
+            "mole_worker_prompt_tokens", "Prompt tokens, visual tokens included", ["adapter"], registry=r
+        )
+        self.image_tokens = Counter(
+            "mole_worker_image_tokens", "Visual tokens of the requests' images", ["adapter"], registry=r
+        )
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
         self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
 

@@ -22,7 +22,7 @@ from shared.errors import AdapterNotFound, NotReady
 from shared.images import decode_image
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
-from shared.modeling import Generated, GenerationParams, render_prompt
+from shared.modeling import Generated, GenerationParams, max_visual_tokens, render_prompt
 from shared.schemas import AdapterInfo, InferRequest, InferResponse, WorkerInfo, WorkerReady
 from shared.settings import Settings
 from worker.holders import ModelHolder, Row, make_holder
@@ -153,12 +153,16 @@ class WorkerService:
             self.metrics.queue_depth.set(self.batcher.queue_depth)
         self.metrics.latency.labels(adapter=req.adapter).observe(t2 - t0)
         self.metrics.tokens.labels(adapter=req.adapter).inc(result.tokens)
+        self.metrics.prompt_tokens.labels(adapter=req.adapter).inc(result.prompt_tokens)
+        self.metrics.image_tokens.labels(adapter=req.adapter).inc(result.image_tokens)
         return InferResponse(
             output=result.text,
             adapter=req.adapter,
             mode=self.spec.mode,
             worker_id=self.spec.id,
             tokens_generated=result.tokens,
+            prompt_tokens=result.prompt_tokens,
+            image_tokens=result.image_tokens,
             timings_ms={
                 "prepare": round((t1 - t0) * 1000, 3),
                 "queue_and_generate": round((t2 - t1) * 1000, 3),
@@ -194,6 +198,13 @@ class WorkerService:
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
             max_new_tokens_cap=s.max_new_tokens_cap,
+            max_pixels=self.spec.max_pixels,
+            min_pixels=self.spec.min_pixels,
+            max_image_tokens=(
+                max_visual_tokens(self.holder.processor, self.spec.max_pixels)
+                if self.holder.processor
+                else None
+            ),
         )
 
     # ---- hot adapter management (dynamic workers) -----------------------------------------

@@ -25,6 +25,10 @@ from pydantic_core import PydanticCustomError
 from shared.errors import AdapterNotFound, ConfigError
 from shared.schemas import ADAPTER_NAME_PATTERN, Mode
 
+# A worker's default image budget: 2048 visual tokens of Qwen3-VL (32x32 px each), so a 1080p
+# screenshot (2.07 MP) passes untouched while one huge image cannot cost ~16k tokens (the checkpoint's
+# own budget is 16.7 MP) and a static batch of eight stays a bounded prefill.
+DEFAULT_WORKER_MAX_PIXELS = 2048 * 32 * 32
 WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"  # DNS-label-like: usable as a Modal app/compose name
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # URLs `mole up` starts as child processes
 
@@ -205,6 +209,16 @@ class WorkerSpec(_HasUrl):
     max_containers: int = Field(default=1, ge=1)  # Modal: autoscaling ceiling
     scaledown_window_s: float = Field(default=300.0, ge=0)  # Modal: idle time before scale-down
     max_concurrency: int = Field(default=16, ge=1)  # concurrent requests one container accepts
+    # Image budget of this worker's model in pixels: every image is resized to within it (None: the
+    # checkpoint's own budget). Visual tokens per image <= max_pixels / (patch * merge)^2.
+    max_pixels: int | None = Field(default=DEFAULT_WORKER_MAX_PIXELS, ge=1024)
+    min_pixels: int | None = Field(default=None, ge=1)  # images below are upscaled (None: the checkpoint's)
+
+    @model_validator(mode="after")
+    def _pixel_budget(self) -> WorkerSpec:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
 
     @property
     def capacity(self) -> int:
