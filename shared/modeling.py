@@ -199,16 +199,25 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None)
 def image_size(
     processor: Any, max_pixels: int | None, min_pixels: int | None = None
 ) -> dict[str, int] | None:
-    """The image processor's ``size`` with its pixel budget set to ``max_pixels`` and ``min_pixels``
-    (None: the checkpoint's own). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and
-    at least ``shortest_edge``), so this bounds the visual tokens of one image to about
+    """The image processor's ``size`` with its pixel budget lowered to ``max_pixels`` and its floor
+    set to ``min_pixels`` (None: the checkpoint's own; a budget above the checkpoint's does not
+    raise it). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and at least
+    ``shortest_edge``), so this bounds the visual tokens of one image to about
     ``max_pixels / (patch_size * merge_size)**2``."""
     if max_pixels is None and min_pixels is None:
         return None
+    own_low, own_high = _own_budget(processor)
+    high = min(max_pixels, own_high) if max_pixels is not None else own_high
+    low = min_pixels if min_pixels is not None else own_low
+    return {"shortest_edge": min(low, high), "longest_edge": high}
+
+
+def _own_budget(processor: Any) -> tuple[int, int]:
+    """The checkpoint's (shortest_edge, longest_edge) pixel budget."""
     size = processor.image_processor.size
-    low = min_pixels or getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
-    high = max_pixels or getattr(size, "longest_edge", None) or size.get("longest_edge")
-    return {"shortest_edge": min(int(low), int(high)), "longest_edge": int(high)}
+    low = getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
+    high = getattr(size, "longest_edge", None) or size.get("longest_edge")
+    return int(low), int(high)
 
 
 def pixels_per_visual_token(processor: Any) -> int:
@@ -219,9 +228,10 @@ def pixels_per_visual_token(processor: Any) -> int:
 
 def max_visual_tokens(processor: Any, max_pixels: int | None) -> int:
     """The most visual tokens one image costs at budget ``max_pixels`` (None: the checkpoint's)."""
-    size = processor.image_processor.size
-    high = max_pixels or getattr(size, "longest_edge", None) or size.get("longest_edge")
-    return int(high) // pixels_per_visual_token(processor)
+    high = _own_budget(processor)[1]
+    if max_pixels is not None:
+        high = min(high, max_pixels)
+    return high // pixels_per_visual_token(processor)
 
 
 def encode_batch(
