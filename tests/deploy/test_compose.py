@@ -196,3 +196,19 @@ def test_dockerfiles(role: str) -> None:
     assert f'"mole", "{role}"' in text
     copied = re.findall(r"^COPY (.+) \S+$", text, re.M)
     assert not [c for c in copied if re.search(r"\.cache|models|vol|loras|merged", c)]  # no weights
+    # dependencies are installed from pyproject.toml alone, before any code is copied (layer cache)
+    steps = re.findall(r"^(COPY|RUN) (.*)$", text, re.M)
+    first_code = next(i for i, (op, arg) in enumerate(steps) if op == "COPY" and arg.startswith("mole "))
+    deps = next(i for i, (op, arg) in enumerate(steps) if op == "RUN" and "pyproject.toml" in arg)
+    assert deps < first_code and [a for op, a in steps[:deps] if op == "COPY"] == [
+        "pyproject.toml README.md ./"
+    ]
+    assert re.search(r"^RUN pip install --no-deps \.", text, re.M)
+
+
+def test_what_users_create_under_docker_is_git_ignored() -> None:
+    for path in ("docker/.env", "docker/models/Qwen3-VL-8B-Instruct/config.json", "docker/vol/loras/x"):
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True)
+        assert result.returncode == 0, f"{path} is not git-ignored"
+    result = subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO)
+    assert result.returncode == 1  # the template stays tracked
