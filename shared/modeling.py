@@ -164,18 +164,53 @@ def resolve_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+PROGRESS_MIN_BYTES = 1 << 30  # checkpoints from this size show transformers' loading progress bar
+
+
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode."""
+    """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode.
+
+    On an accelerator the weights go straight to ``device`` (``device_map``), tensor by tensor, so
+    the host holds the checkpoint's mapped files rather than a second copy of the model. Logs
+    ``loading X on DEVICE, DTYPE`` first (with the weights' size) and the memory in use when done;
+    checkpoints of ``PROGRESS_MIN_BYTES`` or more show transformers' progress bar while they load.
+    """
+    import time
+
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the "Loading weights" bar would flood service logs
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(_checkpoint_dir(path)), dtype=resolve_dtype(dtype)
-    )
-    model.to(device)  # type: ignore[arg-type]
+    folder = _checkpoint_dir(path)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    logger.info("loading %s on %s, %s (%.2f GB of weights)", folder, device, dtype, weights / 1e9)
+    if weights >= PROGRESS_MIN_BYTES:
+        hf_logging.enable_progress_bar()  # minutes for an 8B checkpoint: show that it moves
+    else:
+        hf_logging.disable_progress_bar()  # the bar of a tiny model would only flood the logs
+    placement = {} if device == "cpu" else {"device_map": {"": device}}
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=resolve_dtype(dtype), **placement)
     model.eval()
+    logger.info("loaded %s in %.1fs; %s", folder.name, time.perf_counter() - t0, memory_in_use(device))
     return model
+
+
+def memory_in_use(device: str) -> str:
+    """One line: the accelerator memory torch holds on ``device`` (when not cpu) and this process's
+    peak resident memory."""
+    import resource
+
+    parts = []
+    if device.startswith("cuda"):
+        import torch
+
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        parts.append(
+            f"{device} memory allocated {allocated / 2**30:.2f} GiB, reserved {reserved / 2**30:.2f} GiB"
+        )
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    parts.append(f"peak host RSS {peak_kib / 2**20:.2f} GiB")
+    return ", ".join(parts)
 
 
 def build_messages(prompt: str, system_prompt: str | None = None, answer: str | None = None) -> list[dict]:

@@ -22,7 +22,7 @@ from shared.errors import AdapterNotFound, NotReady
 from shared.images import decode_image
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
-from shared.modeling import Generated, GenerationParams, max_visual_tokens, render_prompt
+from shared.modeling import Generated, GenerationParams, max_visual_tokens, memory_in_use, render_prompt
 from shared.schemas import AdapterInfo, InferRequest, InferResponse, WorkerInfo, WorkerReady
 from shared.settings import Settings
 from worker.holders import ModelHolder, Row, make_holder
@@ -82,11 +82,12 @@ class WorkerService:
         self.metrics.ready.set(1)
         self.metrics.adapters_loaded.set(len(self.holder.adapters()))
         logger.info(
-            "worker %s ready: %s holder, %d adapter(s), loaded in %.1fs",
+            "worker %s ready: %s holder, %d adapter(s), loaded in %.1fs; %s",
             self.spec.id,
             self.spec.mode,
             len(self.holder.adapters()),
             time.perf_counter() - t0,
+            memory_in_use(self.holder.device),
         )
 
     def _warm_up(self) -> None:
