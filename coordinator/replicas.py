@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.backends import Backend, Probe, WorkerState
@@ -23,6 +23,10 @@ from shared.schemas import AdapterInfo
 logger = logging.getLogger(__name__)
 
 REFRESH_AFTER_S = 0.25  # a request finding no usable replica re-probes those probed longer ago
+# Adapters (and instances) reported by any probe this recently count as the worker's: probes of an
+# autoscaled app land on different containers, whose lists may differ for a while (a hot load
+# reaches one container first), and the view must not flip between them.
+REPORT_WINDOW_S = 30.0
 
 
 @dataclass
@@ -32,7 +36,9 @@ class Replica:
     spec: WorkerSpec
     backend: Backend
     state: WorkerState = "unknown"
-    reported: list[AdapterInfo] | None = None  # adapters from the last successful probe
+    reported: list[AdapterInfo] | None = None  # adapters reported within REPORT_WINDOW_S (union)
+    seen: dict[str, tuple[float, AdapterInfo]] = field(default_factory=dict)  # name -> (when, info)
+    instances: dict[str, float] = field(default_factory=dict)  # answering instance -> when
     last_probe: float | None = None  # wall-clock time of the last probe
     probe_latency_ms: float | None = None
     last_error: str | None = None
@@ -100,6 +106,7 @@ class Replica:
             "limit": self.limit(now),
             "consecutive_failures": self.consecutive_failures,
             "reported_adapters": reported,
+            "instances_seen": len(self.instances),  # containers answering probes in the window
             "missing_adapters": self.missing(),
             "extra_adapters": extra,
             "last_probe": self.last_probe,
@@ -173,7 +180,7 @@ class HealthProber:
             replica.last_error = probe.error
         if probe.adapters is not None:
             before = replica.missing()
-            replica.reported = probe.adapters
+            replica.reported = self._remember(replica, probe)
             missing = replica.missing()
             if missing and missing != before:
                 logger.warning(
@@ -182,3 +189,17 @@ class HealthProber:
                     extra={"worker_id": wid},
                 )
         publish_up(self._metrics, replica)
+
+    @staticmethod
+    def _remember(replica: Replica, probe: Probe) -> list[AdapterInfo]:
+        """Add ``probe``'s adapters and instance to what the replica reported within
+        ``REPORT_WINDOW_S``; return that union (latest info per adapter, by name)."""
+        now = time.monotonic()
+        for info in probe.adapters or []:
+            replica.seen[info.name] = (now, info)
+        if probe.instance is not None:
+            replica.instances[probe.instance] = now
+        fresh = now - REPORT_WINDOW_S
+        replica.seen = {name: (t, info) for name, (t, info) in replica.seen.items() if t >= fresh}
+        replica.instances = {inst: t for inst, t in replica.instances.items() if t >= fresh}
+        return [replica.seen[name][1] for name in sorted(replica.seen)]

@@ -73,6 +73,7 @@ class WorkerReady(_Strict):
     mode: str
     adapters: list[AdapterInfo]
     error: str | None = None
+    instance: str | None = None  # host and pid of the answering process (one container of an app)
 
 
 class WorkerInfo(_Strict):

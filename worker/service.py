@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +39,21 @@ State = Literal["loading", "ready", "draining", "failed"]
 class WorkerService:
     """One worker: a model holder, its batcher, its metrics and its lifecycle state."""
 
-    def __init__(self, settings: Settings, mapping: MoleMapping, worker_id: str, *, device: str, dtype: str):
+    def __init__(
+        self,
+        settings: Settings,
+        mapping: MoleMapping,
+        worker_id: str,
+        *,
+        device: str,
+        dtype: str,
+        refresh_storage: Callable[[], None] | None = None,
+    ):
         self.settings = settings
+        # Makes files written to the weight storage since this process started visible to it (Modal:
+        # Volume.reload()); called before an adapter is read from a path. None: plain disks.
+        self.refresh_storage = refresh_storage
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"  # one container of a scaled app
         self.mapping = mapping
         self.spec = mapping.worker(worker_id)
         self.holder: ModelHolder = make_holder(self.spec, mapping, device=device, dtype=dtype)
@@ -184,6 +200,7 @@ class WorkerService:
             mode=self.spec.mode,
             adapters=[AdapterInfo(name=n, sha256=h) for n, h in sorted(self.holder.adapters().items())],
             error=self.load_error,
+            instance=self.instance,
         )
 
     def info(self) -> WorkerInfo:
@@ -215,6 +232,8 @@ class WorkerService:
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         self.require_ready()
         async with self._lock_for(name):
+            if self.refresh_storage is not None:  # a file put on the volume after this container started
+                await asyncio.to_thread(self.refresh_storage)
             digest = await asyncio.to_thread(self.holder.add_adapter, name, Path(path))
         self.metrics.adapters_loaded.set(len(self.holder.adapters()))
         return AdapterInfo(name=name, sha256=digest)

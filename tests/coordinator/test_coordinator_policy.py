@@ -208,6 +208,36 @@ def test_a_workers_429_holds_it_at_what_it_accepted_for_retry_after(tmp_path: Pa
     assert not replica.has_slot
 
 
+def test_probes_of_different_containers_do_not_flip_the_reported_adapters(tmp_path: Path) -> None:
+    """An autoscaled app's probes land on different containers; one of them got a hot-loaded
+    adapter first. The view is the union over the report window, so it does not flip."""
+    from coordinator import replicas as replicas_module
+
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    replica = next(r for r in d.replicas() if r.spec.id == "dynamic-0")
+    both = [AdapterInfo(name="calendar", sha256="a"), AdapterInfo(name="login", sha256="b")]
+    hot = [*both, AdapterInfo(name="extra", sha256="c")]
+    views = []
+    for i in range(6):
+        container = "c1" if i % 2 else "c2"
+        d.prober.record(replica, Probe("up", adapters=hot if container == "c1" else both, instance=container))
+        row = next(w for w in d.view() if w["id"] == "dynamic-0")
+        views.append(
+            ([a["name"] for a in row["reported_adapters"]], row["extra_adapters"], row["instances_seen"])
+        )
+    assert views[1:] == [(["calendar", "extra", "login"], ["extra"], 2)] * 5
+    assert replica.holds("calendar") and replica.holds("login")
+    # past the window, what no container reports any more is gone
+    for name, (_, info) in list(replica.seen.items()):
+        replica.seen[name] = (time.monotonic() - replicas_module.REPORT_WINDOW_S - 1, info)
+    replica.instances = {k: 0.0 for k in replica.instances}
+    d.prober.record(replica, Probe("up", adapters=both, instance="c2"))
+    row = next(w for w in d.view() if w["id"] == "dynamic-0")
+    assert [a["name"] for a in row["reported_adapters"]] == ["calendar", "login"] and row[
+        "instances_seen"
+    ] == 1
+
+
 def test_too_many_waiting_requests_get_429(tmp_path: Path) -> None:
     mapping = make_mapping(tmp_path)
     for w in mapping.workers:
