@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help="Modal workspace name, to show the endpoint URLs in --dry-run")
     p.add_argument("--skip-coordinator", action="store_true", help="deploy the workers only")
     p.add_argument("--public-coordinator", action="store_true", help="no Modal proxy auth on the coordinator")
+    p.add_argument(
+        "--region", help="pin every app to a Modal region, e.g. us-east (a worker's own region wins)"
+    )
     p.set_defaults(func=cmd_modal_deploy)
     return parser
 

@@ -205,6 +205,11 @@ class WorkerSpec(_HasUrl):
     model: str | None = None  # merged: checkpoint (default: adapter's merged); dynamic: None -> base_model
     discover: str | None = None  # dynamic only: folder whose <name>/adapter subfolders are loaded too
     gpu: str | None = None  # deployment hint (Modal GPU type), e.g. "H100"
+    cpu: float | None = Field(default=None, gt=0)  # Modal: CPU cores reserved (None: modal_deploy's default)
+    memory_mib: int | None = Field(
+        default=None, ge=1024
+    )  # Modal: memory reserved (None: modal_deploy's default)
+    region: str | None = None  # Modal: region to pin the app to, e.g. "us-east" (None: anywhere)
     min_containers: int = Field(default=0, ge=0)  # Modal: warm containers kept
     max_containers: int = Field(default=1, ge=1)  # Modal: autoscaling ceiling
     scaledown_window_s: float = Field(default=300.0, ge=0)  # Modal: idle time before scale-down
