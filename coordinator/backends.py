@@ -115,6 +115,7 @@ class Probe:
     adapters: list[AdapterInfo] | None = None  # what the backend reports it holds (None: unknown)
     latency_ms: float = 0.0
     error: str | None = None
+    instance: str | None = None  # which process/container of the worker answered
 
 
 class Backend(Protocol):
@@ -258,5 +259,5 @@ def probe_of(ready: WorkerReady, *, ok: bool = True, latency_ms: float = 0.0) ->
     if ready.status == "failed":
         return Probe("failed", latency_ms=latency_ms, error=ready.error or "the worker failed to load")
     if ok and ready.status == "ready":
-        return Probe("up", adapters=ready.adapters, latency_ms=latency_ms)
+        return Probe("up", adapters=ready.adapters, latency_ms=latency_ms, instance=ready.instance)
     return Probe("draining" if ready.status == "draining" else "loading", latency_ms=latency_ms)

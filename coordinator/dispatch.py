@@ -5,7 +5,10 @@ each through its :class:`~coordinator.backends.Backend`; the :class:`~coordinato
 keeps their states current.
 
 Failure policy (the mapping's ``dispatch`` policy):
-- each replica takes at most ``max_concurrency`` requests at once (the mapping's worker field); a
+- each replica takes at most its capacity at once: ``max_containers × max_concurrency`` (the
+  mapping's worker fields; an autoscaled Modal app is one URL in front of up to ``max_containers``
+  containers, and the backlog beyond one container is what makes it scale). A worker that answers
+  429 is held, for its ``Retry-After``, at the in-flight count it accepted (backpressure). A
   request whose replicas are all busy waits for a slot (bounded: ``max_waiting`` waiters, then 429),
   so a burst queues here instead of overrunning the workers' queues;
 - safe failures (see :class:`~coordinator.backends.Failure`) are retried (``retries``) on a
@@ -139,13 +142,18 @@ class Dispatcher:
             else:
                 replicas[spec.id] = Replica(spec, self._factory(spec))
         for gone in self._replicas.keys() - replicas.keys():
-            self._metrics.worker_up.remove(gone)
+            for gauge in (self._metrics.worker_up, self._metrics.worker_capacity):
+                gauge.remove(gone)
+            with contextlib.suppress(KeyError):
+                self._metrics.worker_in_flight.remove(gone)
         if self._mapping.dispatch != mapping.dispatch:
             self.budget = RetryBudget.of(mapping.dispatch)  # a reload changed the policy
         self._mapping = mapping
         self._replicas = replicas
         for r in replicas.values():
             publish_up(self._metrics, r)
+            self._metrics.worker_capacity.labels(r.spec.id).set(r.spec.capacity)
+            self._metrics.worker_in_flight.labels(r.spec.id).set(r.in_flight)
 
     def replicas(self) -> list[Replica]:
         return list(self._replicas.values())
@@ -175,13 +183,13 @@ class Dispatcher:
 
     @staticmethod
     def _order(tier: Sequence[Replica], exclude: set[str], now: float) -> list[Replica]:
-        """Usable replicas not yet tried: probed-ready before unprobed, then least in-flight."""
+        """Usable replicas not yet tried: probed-ready before unprobed, then least loaded."""
         usable = [r for r in tier if r.usable(now) and r.spec.id not in exclude]
         preferred = tier[0].spec.mode if tier else None  # plan() puts the preferred mode first
-        # the preferred mode, then least in-flight; among equals the one picked longest ago, so
+        # the preferred mode, then least loaded (in-flight / limit); among equals the one picked longest ago, so
         # idle replicas share the load
         return sorted(
-            usable, key=lambda r: (r.state != "up", r.spec.mode != preferred, r.in_flight, r.last_pick)
+            usable, key=lambda r: (r.state != "up", r.spec.mode != preferred, r.load(now), r.last_pick)
         )
 
     @contextlib.asynccontextmanager
@@ -200,10 +208,13 @@ class Dispatcher:
             return
         replica.in_flight += 1
         replica.last_pick = time.monotonic()
+        in_flight = self._metrics.worker_in_flight.labels(replica.spec.id)
+        in_flight.set(replica.in_flight)
         try:
             yield replica
         finally:
             replica.in_flight -= 1
+            in_flight.set(replica.in_flight)
             self._slot_freed.set()
             self._slot_freed = asyncio.Event()
 
@@ -234,6 +245,7 @@ class Dispatcher:
                             adapter=adapter,
                         )
                     self.waiting += 1
+                    self._metrics.waiting.set(self.waiting)
                     waited = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -248,6 +260,7 @@ class Dispatcher:
         finally:
             if waited:
                 self.waiting -= 1
+                self._metrics.waiting.set(self.waiting)
 
     # ---- dispatch ------------------------------------------------------------------------------
     async def dispatch(
@@ -293,6 +306,7 @@ class Dispatcher:
                         path.append(f"{wid}:{exc.reason.value}")
                         if exc.reason is Failure.OVERLOADED:
                             overloaded = max(overloaded or 0.0, exc.retry_after or 1.0)
+                            replica.throttle(exc.retry_after, time.monotonic())
                         continue
                     except AttemptTimedOut:
                         raise WorkerTimeout(

@@ -1,12 +1,12 @@
 """The coordinator's Prometheus metrics, defined once per app on its own registry.
 
 Labels stay low-cardinality: adapter names and worker ids come from the mapping (never from the
-request), plus small fixed vocabularies (routed_by, outcome, reason, code).
+request), plus small fixed vocabularies (routed_by, outcome, reason, code). No ``*_created`` series.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -16,6 +16,7 @@ class CoordinatorMetrics:
     """Every coordinator metric on one ``CollectorRegistry`` (one per app, so tests stay isolated)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # process-wide in prometheus_client; they double the series count
         self.registry = CollectorRegistry()
         r = self.registry
         self.routes = Counter(
@@ -77,6 +78,30 @@ class CoordinatorMetrics:
             "mole_coordinator_worker_up",
             "1 when the last health probe found the worker ready and it is not ejected",
             ["worker"],
+            registry=r,
+        )
+        self.worker_in_flight = Gauge(
+            "mole_coordinator_worker_in_flight",
+            "Requests the coordinator has sent to the worker and not yet had answered",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_capacity = Gauge(
+            "mole_coordinator_worker_capacity",
+            "Requests the coordinator sends the worker at once (max_containers x max_concurrency)",
+            ["worker"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "mole_coordinator_waiting_requests",
+            "Requests waiting at the coordinator for a free worker slot (where an autoscaled backlog builds)",
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mole_coordinator_request_seconds",
+            "End-to-end latency of served requests (route + dispatch), by adapter",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ejections = Counter(

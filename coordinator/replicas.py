@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.backends import Backend, Probe, WorkerState
@@ -23,6 +23,10 @@ from shared.schemas import AdapterInfo
 logger = logging.getLogger(__name__)
 
 REFRESH_AFTER_S = 0.25  # a request finding no usable replica re-probes those probed longer ago
+# Adapters (and instances) reported by any probe this recently count as the worker's: probes of an
+# autoscaled app land on different containers, whose lists may differ for a while (a hot load
+# reaches one container first), and the view must not flip between them.
+REPORT_WINDOW_S = 30.0
 
 
 @dataclass
@@ -32,7 +36,9 @@ class Replica:
     spec: WorkerSpec
     backend: Backend
     state: WorkerState = "unknown"
-    reported: list[AdapterInfo] | None = None  # adapters from the last successful probe
+    reported: list[AdapterInfo] | None = None  # adapters reported within REPORT_WINDOW_S (union)
+    seen: dict[str, tuple[float, AdapterInfo]] = field(default_factory=dict)  # name -> (when, info)
+    instances: dict[str, float] = field(default_factory=dict)  # answering instance -> when
     last_probe: float | None = None  # wall-clock time of the last probe
     probe_latency_ms: float | None = None
     last_error: str | None = None
@@ -41,6 +47,8 @@ class Replica:
     consecutive_failures: int = 0
     times_ejected: int = 0
     ejected_until: float = 0.0  # time.monotonic() until which the replica is not used
+    throttled_until: float = 0.0  # time.monotonic() until which throttle_limit caps in_flight
+    throttle_limit: int = 0  # in-flight requests the worker took when it last answered 429
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -49,10 +57,25 @@ class Replica:
         """Ready (or not probed yet) and not ejected."""
         return self.state in ("up", "unknown") and not self.ejected(now)
 
+    def limit(self, now: float) -> int:
+        """In-flight requests allowed now: the worker's capacity (``max_containers ×
+        max_concurrency``, see :attr:`WorkerSpec.capacity`), lowered for a while after a 429."""
+        return self.throttle_limit if now < self.throttled_until else self.spec.capacity
+
     @property
     def has_slot(self) -> bool:
-        """Below the worker's ``max_concurrency``."""
-        return self.in_flight < self.spec.max_concurrency
+        """Below :meth:`limit`."""
+        return self.in_flight < self.limit(time.monotonic())
+
+    def load(self, now: float) -> float:
+        """In-flight requests as a fraction of :meth:`limit` (replicas of different sizes compare)."""
+        return self.in_flight / max(1, self.limit(now))
+
+    def throttle(self, retry_after_s: float | None, now: float) -> None:
+        """Backpressure from the worker's 429 (this request still in flight): until ``retry_after_s``
+        passes (1 s by default, at most 10 s), send no more than it held without refusing."""
+        self.throttle_limit = max(1, self.in_flight - 1)
+        self.throttled_until = now + min(10.0, retry_after_s or 1.0)
 
     def missing(self) -> list[str]:
         """Adapters the mapping assigns here that the worker does not report holding."""
@@ -79,8 +102,11 @@ class Replica:
             "ejected_for_s": round(max(0.0, self.ejected_until - now), 1),
             "times_ejected": self.times_ejected,
             "in_flight": self.in_flight,
+            "capacity": self.spec.capacity,
+            "limit": self.limit(now),
             "consecutive_failures": self.consecutive_failures,
             "reported_adapters": reported,
+            "instances_seen": len(self.instances),  # containers answering probes in the window
             "missing_adapters": self.missing(),
             "extra_adapters": extra,
             "last_probe": self.last_probe,
@@ -154,7 +180,7 @@ class HealthProber:
             replica.last_error = probe.error
         if probe.adapters is not None:
             before = replica.missing()
-            replica.reported = probe.adapters
+            replica.reported = self._remember(replica, probe)
             missing = replica.missing()
             if missing and missing != before:
                 logger.warning(
@@ -163,3 +189,17 @@ class HealthProber:
                     extra={"worker_id": wid},
                 )
         publish_up(self._metrics, replica)
+
+    @staticmethod
+    def _remember(replica: Replica, probe: Probe) -> list[AdapterInfo]:
+        """Add ``probe``'s adapters and instance to what the replica reported within
+        ``REPORT_WINDOW_S``; return that union (latest info per adapter, by name)."""
+        now = time.monotonic()
+        for info in probe.adapters or []:
+            replica.seen[info.name] = (now, info)
+        if probe.instance is not None:
+            replica.instances[probe.instance] = now
+        fresh = now - REPORT_WINDOW_S
+        replica.seen = {name: (t, info) for name, (t, info) in replica.seen.items() if t >= fresh}
+        replica.instances = {inst: t for inst, t in replica.instances.items() if t >= fresh}
+        return [replica.seen[name][1] for name in sorted(replica.seen)]

@@ -65,6 +65,7 @@ class RequestStats:
             c.confidence_sum += r.confidence
             c.confidence_n += 1
         self.metrics.routes.labels(r.adapter, r.routed_by).inc()
+        self.metrics.request_seconds.labels(r.adapter).observe(r.timings_ms["total"] / 1000)
         logger.info(
             "served",
             extra={

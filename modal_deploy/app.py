@@ -13,8 +13,8 @@ from typing import Any
 
 import modal
 
-from modal_deploy.serving import ContainerApp, load
-from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, spec_from_env
+from modal_deploy.serving import ContainerApp, load, volume_refresher
+from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, VOLUME_MOUNT, image_packages, spec_from_env
 
 REPO = Path(__file__).resolve().parent.parent  # local checkout (deploy time only)
 PACKAGES = ("mole", "shared", "worker", "coordinator", "modal_deploy")  # the project's code
@@ -22,11 +22,13 @@ PYTHON_VERSION = "3.11"  # as in pyproject's requires-python and the docker imag
 
 SPEC = spec_from_env()  # which service this app is, with its GPU, volumes, secret and scaling
 
-# Dependencies come from pyproject.toml (torch from PyPI is a CUDA build); the code and the mapping
-# are added on top, so a code change does not rebuild the dependency layer. No weights in the image.
+# Dependencies come from pyproject.toml (torch from PyPI is a CUDA build), plus torchvision for
+# Qwen3-VL's fast image processor; the code and the mapping are added on top, so a code change
+# does not rebuild the dependency layers. No weights in the image.
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .pip_install_from_pyproject(str(REPO / "pyproject.toml"))
+    .pip_install(*image_packages(REPO / "pyproject.toml"))
     .env({**SPEC.env, SPEC_ENV: SPEC.model_dump_json()})
     .add_local_file(SPEC.mapping_path, MAPPING_IN_IMAGE, copy=False)
     .add_local_python_source(*PACKAGES)
@@ -44,6 +46,9 @@ app = modal.App(SPEC.name)
     gpu=SPEC.gpu,
     volumes=volumes,
     secrets=[secret],
+    cpu=SPEC.cpu,
+    memory=SPEC.memory_mib,
+    region=SPEC.region,
     min_containers=SPEC.min_containers,
     max_containers=SPEC.max_containers,
     scaledown_window=SPEC.scaledown_window_s,
@@ -55,7 +60,10 @@ class Service:
     @modal.enter()
     def load(self) -> None:
         """Once per container: build the service; a worker loads its model before taking traffic."""
-        self.container_app: ContainerApp = load(SPEC)
+        # adapters put on the volume after this container started become visible on a reload
+        self.container_app: ContainerApp = load(
+            SPEC, refresh_storage=volume_refresher([volumes[VOLUME_MOUNT]])
+        )
 
     @modal.exit()
     def drain(self) -> None:

@@ -24,7 +24,9 @@ _URL = re.compile(r"https://[A-Za-z0-9.-]+\.modal\.run")
 
 
 def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
-    """Aligned table: app, GPU, containers min-max, scale-down, concurrency, auth, URL."""
+    """Aligned table: app, GPU, cpu/memory, region, containers min-max, scale-down, concurrency per
+    container, the capacity the coordinator sends the app at once (max containers x concurrency),
+    auth, URL."""
     rows: list[tuple[str, ...]] = []
     for s in specs:
         auth = "proxy+" if s.requires_proxy_auth else ""
@@ -33,14 +35,31 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
             (
                 s.name,
                 s.gpu,
+                f"{s.cpu:g} / {s.memory_mib // 1024} GiB",
+                s.region or "any",
                 f"{s.min_containers}-{s.max_containers}",
                 f"{s.scaledown_window_s}s",
                 str(s.max_concurrency),
+                str(s.max_containers * s.max_concurrency),
                 auth,
                 s.url(workspace or "<workspace>"),
             )
         )
-    return format_table(("APP", "GPU", "CONTAINERS", "SCALEDOWN", "CONCURRENCY", "AUTH", "URL"), rows)
+    return format_table(
+        (
+            "APP",
+            "GPU",
+            "CPU / MEM",
+            "REGION",
+            "CONTAINERS",
+            "SCALEDOWN",
+            "CONCURRENCY",
+            "CAPACITY",
+            "AUTH",
+            "URL",
+        ),
+        rows,
+    )
 
 
 def deploy_one(spec: AppSpec) -> str | None:
@@ -69,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             workspace=args.workspace,
             coordinator=not args.skip_coordinator,
             coordinator_proxy_auth=not args.public_coordinator,
+            region=args.region,
         )
         url_vars = worker_url_vars(mapping)
     except ConfigError as exc:
@@ -104,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{url_vars[worker_id]}={url}")
         if not args.skip_coordinator:
             coordinator = build_specs(
-                mapping, worker_urls=urls, coordinator_proxy_auth=not args.public_coordinator
+                mapping,
+                worker_urls=urls,
+                coordinator_proxy_auth=not args.public_coordinator,
+                region=args.region,
             )[-1]
             print(f"\n== deploying {coordinator.name}", flush=True)
             url = deploy_one(coordinator)

@@ -12,14 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from modal_deploy.spec import MAPPING_IN_IMAGE, AppSpec
 
+logger = logging.getLogger(__name__)
+
 Scope = dict[str, Any]
 POLL_S = 0.5  # readiness poll while @modal.enter waits for the worker's model
+
+
+class Reloadable(Protocol):
+    """What :func:`volume_refresher` needs of a ``modal.Volume``."""
+
+    def reload(self) -> None: ...
+
+
+def volume_refresher(volumes: Sequence[Reloadable]) -> Callable[[], None]:
+    """A ``refresh_storage`` for the worker: ``Volume.reload()`` on each volume, so a container
+    started before an adapter was put on the volume sees it. Modal refuses a reload while files of
+    the volume are open; that is logged, not raised (the caller then reads what the container sees)."""
+
+    def refresh() -> None:
+        for volume in volumes:
+            try:
+                volume.reload()
+            except Exception as exc:  # Modal's own error types; the load that follows says what is missing
+                logger.warning("volume reload failed: %s: %s", type(exc).__name__, exc)
+
+    return refresh
 
 
 class ASGIApp(Protocol):
@@ -60,10 +85,16 @@ class ContainerApp:
 
 
 def load(
-    spec: AppSpec, mapping_path: str | Path = MAPPING_IN_IMAGE, *, timeout_s: float | None = None
+    spec: AppSpec,
+    mapping_path: str | Path = MAPPING_IN_IMAGE,
+    *,
+    timeout_s: float | None = None,
+    refresh_storage: Callable[[], None] | None = None,
 ) -> ContainerApp:
     """Build ``spec``'s service from the mapping; for a worker, load its model and return once it
-    is ready (``RuntimeError`` when loading fails, the token is missing, or ``timeout_s`` passes)."""
+    is ready (``RuntimeError`` when loading fails, the token is missing, or ``timeout_s`` passes).
+    ``refresh_storage`` (a worker's; see :func:`volume_refresher`) runs before an adapter is loaded
+    from a path (``POST /adapters``)."""
     from shared.mapping import load_mapping
     from shared.settings import Settings
 
@@ -78,7 +109,7 @@ def load(
     from worker.app import create_app as create_worker
 
     assert spec.worker_id is not None
-    app = create_worker(settings, load_mapping(mapping_path), spec.worker_id)
+    app = create_worker(settings, load_mapping(mapping_path), spec.worker_id, refresh_storage=refresh_storage)
     container_app = ContainerApp(app, app.router.lifespan_context(app))
     container_app.start()
     budget = timeout_s if timeout_s is not None else spec.startup_timeout_s

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +52,15 @@ COORDINATOR_SCALING = {
     "scaledown_window_s": 300,
     "max_concurrency": 64,
 }
+# Resources every container reserves unless the mapping's worker says otherwise. Modal's default is
+# a fraction of a core, too little for tokenising, image preprocessing and the event loop next to
+# an H100; the memory covers an 8B bf16 checkpoint's mapped files while it loads (~17.5 GB) and the
+# process around it.
+DEFAULT_CPU = 8.0  # cores
+DEFAULT_MEMORY_MIB = 65_536  # 64 GiB
+# Beside pyproject's dependencies: torchvision, so Qwen3-VL gets its fast (torchvision) image
+# processor instead of the PIL fallback; pip picks the release built for the pinned torch.
+IMAGE_EXTRAS = ("torchvision",)
 STARTUP_TIMEOUT_S = 1200  # @modal.enter may load an 8B checkpoint from a cold volume
 SCALEDOWN_RANGE_S = (2, 3600)  # what Modal accepts for scaledown_window
 
@@ -78,6 +87,9 @@ class AppSpec(BaseModel):
         ge=SCALEDOWN_RANGE_S[0], le=SCALEDOWN_RANGE_S[1]
     )  # idle before scale-down
     max_concurrency: int = Field(ge=1)  # @modal.concurrent(max_inputs=...)
+    cpu: float = Field(gt=0)  # @app.cls(cpu=...): cores reserved per container
+    memory_mib: int = Field(ge=1024)  # @app.cls(memory=...): MiB reserved per container
+    region: str | None = None  # @app.cls(region=...): where containers run (None: anywhere)
     requires_proxy_auth: bool  # Modal-Key/Modal-Secret headers required at the endpoint
     timeout_s: int = Field(ge=1)  # longest request
     startup_timeout_s: int = Field(ge=1)  # longest @modal.enter
@@ -123,6 +135,7 @@ def build_specs(
     workspace: str | None = None,
     coordinator: bool = True,
     coordinator_proxy_auth: bool = True,
+    region: str | None = None,
 ) -> list[AppSpec]:
     """One spec per worker of ``mapping`` (mapping order), then the coordinator's.
 
@@ -131,7 +144,9 @@ def build_specs(
     ``worker_urls[id]``, else at the URL Modal will give the worker in ``workspace``, else at a
     ``<workspace>`` placeholder. Workers require the worker token and no proxy auth (the
     coordinator authenticates with the token); the coordinator requires proxy auth unless
-    ``coordinator_proxy_auth`` is false, and API keys always (``MOLE_ENV=production``).
+    ``coordinator_proxy_auth`` is false, and API keys always (``MOLE_ENV=production``). ``region``
+    pins every app (a worker's own ``region`` wins); cpu and memory come from the worker, else
+    :data:`DEFAULT_CPU` / :data:`DEFAULT_MEMORY_MIB`.
 
     Raises ``ConfigError`` naming the entry: an unknown GPU, a scale-down window Modal refuses, a
     weight path outside the volumes, an app name used twice.
@@ -166,6 +181,9 @@ def build_specs(
                 max_containers=w.max_containers,
                 scaledown_window_s=window,
                 max_concurrency=w.max_concurrency,
+                cpu=w.cpu or DEFAULT_CPU,
+                memory_mib=w.memory_mib or DEFAULT_MEMORY_MIB,
+                region=w.region or region,
                 requires_proxy_auth=False,
                 timeout_s=timeout,
                 startup_timeout_s=STARTUP_TIMEOUT_S,
@@ -180,7 +198,9 @@ def build_specs(
             problems.append(f'a worker id "coordinator" collides with the app {APP_PREFIX}-coordinator')
         if not problems:
             specs.append(
-                _coordinator_spec(mapping, specs, worker_urls or {}, workspace, coordinator_proxy_auth)
+                _coordinator_spec(
+                    mapping, specs, worker_urls or {}, workspace, coordinator_proxy_auth, region
+                )
             )
     if problems:
         raise ConfigError("cannot deploy to Modal:\n  - " + "\n  - ".join(problems), problems=problems)
@@ -193,6 +213,7 @@ def _coordinator_spec(
     worker_urls: Mapping[str, str],
     workspace: str | None,
     proxy_auth: bool,
+    region: str | None,
 ) -> AppSpec:
     url_vars = worker_url_vars(mapping)
     env = dict(CONTAINER_ENV)
@@ -214,12 +235,27 @@ def _coordinator_spec(
         max_containers=scaling["max_containers"],
         scaledown_window_s=scaling["scaledown_window_s"],
         max_concurrency=scaling["max_concurrency"],
+        cpu=DEFAULT_CPU,
+        memory_mib=DEFAULT_MEMORY_MIB,
+        region=region,
         requires_proxy_auth=proxy_auth,
         timeout_s=int(mapping.dispatch.request_timeout_s) + 30,
         startup_timeout_s=STARTUP_TIMEOUT_S,
         env=env,
         mapping_path=str(mapping.source_path or ""),
     )
+
+
+def image_packages(pyproject: str | Path) -> list[str]:
+    """What the image installs beside ``pyproject``'s dependencies: :data:`IMAGE_EXTRAS`, next to
+    the pinned torch so pip resolves them against it (``ConfigError`` when torch is not pinned)."""
+    import tomllib
+
+    deps = tomllib.loads(Path(pyproject).read_text(encoding="utf-8"))["project"]["dependencies"]
+    torch = [d.split(";")[0].strip() for d in deps if re.match(r"^torch\s*==", d)]
+    if not torch:
+        raise ConfigError(f"{pyproject}: torch is not pinned (torch==X.Y.Z), so torchvision cannot follow it")
+    return [torch[0], *IMAGE_EXTRAS]
 
 
 def load_for_modal(path: str, environ: Mapping[str, str] | None = None) -> MoleMapping:

@@ -187,22 +187,32 @@ def _serve(app: object, host: str, port: int, drain_timeout_s: float) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError
     from shared.mapping import load_mapping
     from worker.app import create_app
 
     settings = _settings()
-    mapping = load_mapping(Path(args.config))
-    spec = mapping.worker(args.worker_id)
+    try:
+        mapping = load_mapping(Path(args.config))
+        spec = mapping.worker(args.worker_id)
+    except ConfigError as exc:  # one line, like check-config, not a traceback
+        print(f"mole worker: {args.config}: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, mapping, args.worker_id)
     return _serve(app, args.host or spec.host, args.port or spec.port, settings.drain_timeout_s)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.app import create_app
+    from shared.errors import ConfigError
     from shared.mapping import load_mapping
 
     settings = _settings()
-    mapping = load_mapping(Path(args.config))
+    try:  # what the lifespan would find (paths included), said in one line before serving
+        mapping = load_mapping(Path(args.config), check_paths=True)
+    except ConfigError as exc:
+        print(f"mole coordinator: {args.config}: {exc}", file=sys.stderr)
+        return 2
     if mapping.monolithic:  # router and the dynamic worker's experts on one model, in this process
         from mole.monolithic import create_monolithic_app
 
@@ -341,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help="Modal workspace name, to show the endpoint URLs in --dry-run")
     p.add_argument("--skip-coordinator", action="store_true", help="deploy the workers only")
     p.add_argument("--public-coordinator", action="store_true", help="no Modal proxy auth on the coordinator")
+    p.add_argument(
+        "--region", help="pin every app to a Modal region, e.g. us-east (a worker's own region wins)"
+    )
     p.set_defaults(func=cmd_modal_deploy)
     return parser
 
@@ -351,7 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging()
+    from pydantic import ValidationError
+
+    from shared.settings import settings_error_line
+
+    try:
+        _setup_logging()
+    except ValidationError as exc:  # a bad MOLE_* variable: one line, not a traceback
+        print(f"mole {args.command}: settings: {settings_error_line(exc)}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

@@ -254,13 +254,13 @@ def memory_need(plan: MergePlan, device: str) -> dict[str, Any]:
     - streaming merge (host RAM; the float32 delta work on ``device``): the adapter in float32
       plus the largest tensor's working set (bytes read + its float32 copy + bytes written);
     - parity gate (on ``device``): one model at a time, the largest being the float32 reference
-      (4 bytes x parameters) with the adapter; plus one probe's activations. Host RAM: the same
-      model, as ``load_model`` builds it on cpu before moving it to ``device``, plus the
-      checkpoint's files mapped while loading (parameters x the base's bytes per parameter).
+      (4 bytes x parameters) with the adapter; plus one probe's activations. Host RAM: the
+      checkpoint's files mapped while loading (parameters x the base's bytes per parameter), plus
+      the model itself on cpu (on an accelerator ``load_model`` places the weights straight there).
     """
     base_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[plan.base_dtype]
     model_fp32 = 4 * plan.params + plan.adapter_bytes
-    parity_host = model_fp32 + base_bytes * plan.params
+    parity_host = (model_fp32 if device == "cpu" else 0) + base_bytes * plan.params
     return {
         "device": device,
         "params": plan.params,
@@ -272,8 +272,8 @@ def memory_need(plan: MergePlan, device: str) -> dict[str, Any]:
         "basis": (
             "stream: adapter (float32) + largest tensor's bytes read + float32 copy + bytes written; "
             "parity: one model at a time, the float32 unmerged reference the largest "
-            "(4 B x params + adapter), plus one probe's activations; host RAM: that model (built on "
-            "cpu, then moved) + the checkpoint's mapped files (params x base bytes) while loading"
+            "(4 B x params + adapter), plus one probe's activations; host RAM: the checkpoint's mapped "
+            "files (params x base bytes) while loading, plus that model when the device is cpu"
         ),
     }
 

@@ -10,8 +10,11 @@ services with it. :class:`Stack` is a mapping's coordinator and its local worker
         httpx.post(f"{stack.coordinator.probe_url}/classify", ...)
     # stop(): SIGTERM the coordinator, then the workers; SIGKILL what outlives the grace period
 
-``RUN_DIR/<name>.log`` holds each child's output and ``RUN_DIR/stack.json`` records pids, URLs and
-logs. Only workers whose URL is loopback are started; the others are left to their own machines.
+``RUN_DIR/<name>.log`` holds each child's output and ``RUN_DIR/stack.json`` records pids, URLs,
+states, restarts and logs. ``mole up`` keeps the stack serving when one child dies: it calls
+:meth:`Stack.supervise` every half second, which restarts a crashed service after a backoff
+(:class:`RestartPolicy`) and leaves the others running, so the coordinator's dynamic fallback
+serves a dead merged worker's adapter until the worker is back. Only workers whose URL is loopback are started; the others are left to their own machines.
 With a monolithic mapping the coordinator serves one dynamic worker in its own process
 (:mod:`mole.monolithic`), so that worker is not started.
 """
@@ -51,7 +54,22 @@ _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # list
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 Role = Literal["worker", "coordinator"]
-State = Literal["pending", "starting", "loading", "ready", "failed", "exited", "stopped"]
+State = Literal["pending", "starting", "loading", "ready", "failed", "exited", "restarting", "stopped"]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How :meth:`Stack.supervise` restarts a crashed service: after ``base_s``, doubling with each
+    crash in a row up to ``max_s``; a service that ran ``reset_after_s`` since its last start
+    counts its next crash as the first again."""
+
+    base_s: float = 1.0  # delay before the first restart
+    max_s: float = 30.0  # cap of the doubling delay (a service that cannot start is retried this often)
+    reset_after_s: float = 60.0  # uptime after which a crash is a first crash again
+
+    def delay(self, crashes_in_a_row: int) -> float:
+        """Seconds to wait before restarting after the ``crashes_in_a_row``-th crash (1-based)."""
+        return min(self.max_s, self.base_s * 2 ** max(0, crashes_in_a_row - 1))
 
 
 class StackError(Exception):
@@ -100,6 +118,10 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes] | None = None
     started_at: float | None = None  # time.monotonic() at spawn
     ready_after_s: float | None = None  # seconds from spawn to the first 200 on READY_PATH
+    restarts: int = 0  # times the supervisor restarted it
+    crashes_in_a_row: int = 0  # crashes since it last ran RestartPolicy.reset_after_s
+    restart_at: float | None = None  # time.monotonic() of a scheduled restart
+    last_exit: int | None = None  # exit code of the last crash (negative: killed by that signal)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -146,8 +168,10 @@ class ServiceProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         tie_to_parent: bool = False,
+        append_log: bool = False,
     ) -> None:
-        """Start ``python -m mole.cli ARGS`` in a new session, output to ``log_path`` (truncated).
+        """Start ``python -m mole.cli ARGS`` in a new session, output to ``log_path`` (truncated,
+        or appended to with ``append_log``, as a restart does).
 
         ``env`` is laid over this process's environment. ``tie_to_parent`` (for a command such as
         ``mole up`` that spawns from its main thread and runs no other threads: it uses a
@@ -156,7 +180,7 @@ class ServiceProcess:
         without cleaning up (e.g. SIGKILL), so no child outlives it.
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab" if append_log else "wb")
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if tie_to_parent else None
         try:
             self.proc = subprocess.Popen(
@@ -298,6 +322,7 @@ class Stack:
         python: str = sys.executable,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         tie_to_parent: bool = True,
+        restart_policy: RestartPolicy | None = None,
     ):
         self.mapping_path = Path(mapping_path).resolve()
         self.mapping: MoleMapping = load_mapping(self.mapping_path)
@@ -306,6 +331,7 @@ class Stack:
         self.python = python
         self.stop_grace_s = stop_grace_s
         self.tie_to_parent = tie_to_parent
+        self.restart_policy = restart_policy or RestartPolicy()
         self.started_at: float | None = None
         self._hurry = False
         config = ["--config", str(self.mapping_path)]
@@ -368,6 +394,59 @@ class Stack:
                 service.state = "exited"
                 raise ServiceExited(service)
 
+    def supervise(self) -> list[str]:
+        """One supervision round (``mole up`` runs one every half second once the stack is ready).
+
+        A service that exited, or whose readiness says ``failed``, is scheduled for a restart after
+        :attr:`restart_policy`'s backoff; one whose time came is respawned (its log appended to); a
+        restarted one is polled until ready again. The other services are left alone throughout.
+        Returns one line per event, for the caller to report; ``stack.json`` is rewritten on events.
+        """
+        events: list[str] = []
+        now = time.monotonic()
+        for s in self.services:
+            if s.restart_at is not None:
+                if now >= s.restart_at:
+                    events.append(self._restart(s))
+                continue
+            if s.proc is None or s.state == "stopped":
+                continue
+            if not s.running():
+                events.append(self._schedule_restart(s, now, f"exited with {_describe_exit(s.returncode)}"))
+                continue
+            if s.state == "ready":
+                continue
+            try:
+                if s.poll_ready():
+                    events.append(f"{s.name} ready again (restart {s.restarts}, pid {s.pid})")
+            except ServiceFailed as exc:
+                stop_together([s], self.stop_grace_s)
+                events.append(self._schedule_restart(s, now, f"failed to load: {exc}"))
+            except ServiceExited:
+                events.append(self._schedule_restart(s, now, f"exited with {_describe_exit(s.returncode)}"))
+        if events:
+            self.write_state()
+        return events
+
+    def _schedule_restart(self, s: ServiceProcess, now: float, why: str) -> str:
+        s.last_exit = s.returncode
+        s._close_log()
+        uptime = now - (s.started_at or now)
+        s.crashes_in_a_row = 1 if uptime >= self.restart_policy.reset_after_s else s.crashes_in_a_row + 1
+        delay = self.restart_policy.delay(s.crashes_in_a_row)
+        s.state = "restarting"
+        s.restart_at = now + delay
+        return f"{s.name} {why}; restarting it in {delay:.1f}s, the other services keep serving"
+
+    def _restart(self, s: ServiceProcess) -> str:
+        s.restart_at = None
+        s.restarts += 1
+        s.ready_after_s = None
+        with s.log_path.open("ab") as log:
+            log.write(f"\n--- mole up: restart {s.restarts} of {s.name} ---\n".encode())
+        s.spawn(python=self.python, env=self.env, tie_to_parent=self.tie_to_parent, append_log=True)
+        return f"{s.name} restarted (restart {s.restarts}, pid {s.pid}); waiting until it is ready"
+
     def hurry(self) -> None:
         """Make a running or later :meth:`stop` skip the grace period (a second Ctrl-C)."""
         self._hurry = True
@@ -375,6 +454,8 @@ class Stack:
     def stop(self) -> None:
         """SIGTERM the coordinator and wait (it drains in-flight requests that need the workers),
         then SIGTERM the workers together; SIGKILL whatever outlives ``stop_grace_s``. Idempotent."""
+        for s in self.services:
+            s.restart_at = None  # a restart scheduled by supervise() does not happen any more
         for group in ([self.coordinator], self.workers):
             stop_together(group, self.stop_grace_s, hurried=lambda: self._hurry)
         if self.started_at is not None:
@@ -425,6 +506,8 @@ class Stack:
                     "state": s.state,
                     "log": str(s.log_path),
                     "returncode": s.returncode,
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
                 }
                 for s in self.services
             ],
@@ -446,6 +529,14 @@ class Stack:
                     f"port {s.port} of {s.name} ({s.url}) is already in use; "
                     "stop whatever holds it or change the URL in the mapping"
                 )
+
+
+def _describe_exit(code: int | None) -> str:
+    """``code 1`` or ``SIGKILL`` (Popen reports death by signal N as -N)."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return f"code {code}"
 
 
 def _inprocess_worker_id(mapping: MoleMapping) -> str | None:

@@ -1,8 +1,10 @@
 """``mole up``: run a mapping's coordinator and its local workers as child processes.
 
 The supervising is :class:`mole.supervisor.Stack`'s (``mole demo`` and the benchmarks drive it
-too); this module is the command on top: progress, the service table, signals. The first
-Ctrl-C/SIGTERM stops the stack gracefully, a second one skips the grace period.
+too); this module is the command on top: progress, the service table, signals. Once every service
+is ready, a service that dies is restarted with backoff and reported (:meth:`Stack.supervise`)
+while the others keep serving. The first Ctrl-C/SIGTERM stops the stack gracefully, a second one
+skips the grace period.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def _stop_signals(stack: Stack) -> Iterator[Callable[[], None]]:
 def run(args: argparse.Namespace) -> int:
     """``mole up``: start, show progress, print the table, wait for Ctrl-C/SIGTERM, stop.
 
-    Exit codes: 0 after a requested stop, 1 when a service failed or was not ready in time,
-    2 for a bad mapping or a port already in use.
+    Exit codes: 0 after a requested stop, 1 when a service failed or was not ready in time during
+    start-up, 2 for a bad mapping or a port already in use. After start-up a crashed service is
+    restarted (with backoff) instead.
     """
     from shared.settings import Settings
 
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             while True:
-                stack.check_alive()
+                for event in stack.supervise():
+                    print(f"mole up: {event}", file=sys.stderr, flush=True)
                 time.sleep(0.5)
         except _StopRequested as req:
             print(f"\nmole up: {req} received, stopping (again to kill)", file=sys.stderr, flush=True)

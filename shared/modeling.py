@@ -164,18 +164,53 @@ def resolve_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+PROGRESS_MIN_BYTES = 1 << 30  # checkpoints from this size show transformers' loading progress bar
+
+
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode."""
+    """Load a Qwen3-VL checkpoint (standalone or merged) for inference, in eval mode.
+
+    On an accelerator the weights go straight to ``device`` (``device_map``), tensor by tensor, so
+    the host holds the checkpoint's mapped files rather than a second copy of the model. Logs
+    ``loading X on DEVICE, DTYPE`` first (with the weights' size) and the memory in use when done;
+    checkpoints of ``PROGRESS_MIN_BYTES`` or more show transformers' progress bar while they load.
+    """
+    import time
+
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the "Loading weights" bar would flood service logs
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(_checkpoint_dir(path)), dtype=resolve_dtype(dtype)
-    )
-    model.to(device)  # type: ignore[arg-type]
+    folder = _checkpoint_dir(path)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    logger.info("loading %s on %s, %s (%.2f GB of weights)", folder, device, dtype, weights / 1e9)
+    if weights >= PROGRESS_MIN_BYTES:
+        hf_logging.enable_progress_bar()  # minutes for an 8B checkpoint: show that it moves
+    else:
+        hf_logging.disable_progress_bar()  # the bar of a tiny model would only flood the logs
+    placement = {} if device == "cpu" else {"device_map": {"": device}}
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=resolve_dtype(dtype), **placement)
     model.eval()
+    logger.info("loaded %s in %.1fs; %s", folder.name, time.perf_counter() - t0, memory_in_use(device))
     return model
+
+
+def memory_in_use(device: str) -> str:
+    """One line: the accelerator memory torch holds on ``device`` (when not cpu) and this process's
+    peak resident memory."""
+    import resource
+
+    parts = []
+    if device.startswith("cuda"):
+        import torch
+
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        parts.append(
+            f"{device} memory allocated {allocated / 2**30:.2f} GiB, reserved {reserved / 2**30:.2f} GiB"
+        )
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    parts.append(f"peak host RSS {peak_kib / 2**20:.2f} GiB")
+    return ", ".join(parts)
 
 
 def build_messages(prompt: str, system_prompt: str | None = None, answer: str | None = None) -> list[dict]:
@@ -196,16 +231,42 @@ def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None)
     )
 
 
-def image_size(processor: Any, max_pixels: int | None) -> dict[str, int] | None:
-    """The image processor's ``size`` with its pixel budget lowered to ``max_pixels`` (None: the
-    checkpoint's own). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and at least
+def image_size(
+    processor: Any, max_pixels: int | None, min_pixels: int | None = None
+) -> dict[str, int] | None:
+    """The image processor's ``size`` with its pixel budget lowered to ``max_pixels`` and its floor
+    set to ``min_pixels`` (None: the checkpoint's own; a budget above the checkpoint's does not
+    raise it). Qwen-VL resizes every image to at most ``longest_edge`` pixels (and at least
     ``shortest_edge``), so this bounds the visual tokens of one image to about
     ``max_pixels / (patch_size * merge_size)**2``."""
-    if max_pixels is None:
+    if max_pixels is None and min_pixels is None:
         return None
+    own_low, own_high = _own_budget(processor)
+    high = min(max_pixels, own_high) if max_pixels is not None else own_high
+    low = min_pixels if min_pixels is not None else own_low
+    return {"shortest_edge": min(low, high), "longest_edge": high}
+
+
+def _own_budget(processor: Any) -> tuple[int, int]:
+    """The checkpoint's (shortest_edge, longest_edge) pixel budget."""
     size = processor.image_processor.size
     low = getattr(size, "shortest_edge", None) or size.get("shortest_edge") or 0
-    return {"shortest_edge": min(int(low), max_pixels), "longest_edge": max_pixels}
+    high = getattr(size, "longest_edge", None) or size.get("longest_edge")
+    return int(low), int(high)
+
+
+def pixels_per_visual_token(processor: Any) -> int:
+    """Pixels one visual token covers: ``(patch_size * merge_size) ** 2`` (32x32 for Qwen3-VL)."""
+    ip = processor.image_processor
+    return int((ip.patch_size * getattr(ip, "merge_size", 1)) ** 2)
+
+
+def max_visual_tokens(processor: Any, max_pixels: int | None) -> int:
+    """The most visual tokens one image costs at budget ``max_pixels`` (None: the checkpoint's)."""
+    high = _own_budget(processor)[1]
+    if max_pixels is not None:
+        high = min(high, max_pixels)
+    return high // pixels_per_visual_token(processor)
 
 
 def encode_batch(
@@ -215,14 +276,16 @@ def encode_batch(
     device: str,
     *,
     max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> dict:
     """Tokenize templated texts with their images into one left-padded batch on ``device``.
 
-    ``max_pixels`` lowers the image budget below the checkpoint's (see :func:`image_size`). An
+    ``max_pixels`` / ``min_pixels`` set the image budget instead of the checkpoint's (see
+    :func:`image_size`). An
     image the image processor cannot handle (e.g. an extreme aspect ratio) raises
     :class:`~shared.errors.InvalidInput` naming ``image_b64``.
     """
-    size = image_size(processor, max_pixels)
+    size = image_size(processor, max_pixels, min_pixels)
     extra: dict[str, Any] = {"size": size} if size is not None else {}
     try:
         batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True, **extra)
@@ -247,7 +310,9 @@ class GenerationParams:
 @dataclass(frozen=True)
 class Generated:
     text: str
-    tokens: int
+    tokens: int  # generated tokens
+    prompt_tokens: int = 0  # the row's prompt, its visual tokens included
+    image_tokens: int = 0  # visual tokens of the row's image
 
 
 def generate(
@@ -260,18 +325,23 @@ def generate(
     adapter_names: Sequence[str] | None = None,
     seed: int | None = None,
     row_max_new_tokens: Sequence[int] | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> list[Generated]:
     """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
 
     ``adapter_names`` selects a PEFT adapter per row (mixed-adapter batch); rows with
     ``"__base__"`` use the base model. ``row_max_new_tokens`` cuts each row at its own limit
     (the batch runs to ``params.max_new_tokens``), so under greedy decoding a row's output is the
-    one it would get alone with its own limit.
+    one it would get alone with its own limit. ``max_pixels`` / ``min_pixels``: the image budget
+    (see :func:`image_size`).
     """
     import torch
 
     device = str(next(model.parameters()).device)
-    batch = encode_batch(processor, images, texts, device)
+    batch = encode_batch(processor, images, texts, device, max_pixels=max_pixels, min_pixels=min_pixels)
+    prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+    image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
     if params.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -290,14 +360,15 @@ def generate(
         list(row_max_new_tokens) if row_max_new_tokens is not None else [params.max_new_tokens] * len(texts)
     )
     results = []
-    for row, limit in zip(new_tokens.tolist(), limits, strict=True):
+    rows = zip(new_tokens.tolist(), limits, prompt_tokens, image_tokens, strict=True)
+    for row, limit, n_prompt, n_image in rows:
         count = 0
         for tok in row[:limit]:
             count += 1
             if tok in eos_ids:
                 break
         text = tokenizer.decode(row[:count], skip_special_tokens=True)
-        results.append(Generated(text=text.strip(), tokens=count))
+        results.append(Generated(text.strip(), count, int(n_prompt), int(n_image)))
     return results
 
 

@@ -50,6 +50,8 @@ class InferResponse(_Strict):
     mode: Mode
     worker_id: str
     tokens_generated: int
+    prompt_tokens: int = 0  # the prompt's tokens, its image's visual tokens included
+    image_tokens: int = 0  # visual tokens of the image at the worker's image budget
     timings_ms: dict[str, float]
 
 
@@ -71,6 +73,7 @@ class WorkerReady(_Strict):
     mode: str
     adapters: list[AdapterInfo]
     error: str | None = None
+    instance: str | None = None  # host and pid of the answering process (one container of an app)
 
 
 class WorkerInfo(_Strict):
@@ -86,6 +89,9 @@ class WorkerInfo(_Strict):
     max_wait_ms: float
     max_queue: int
     max_new_tokens_cap: int
+    max_pixels: int | None = None  # image budget (None: the checkpoint's own)
+    min_pixels: int | None = None
+    max_image_tokens: int | None = None  # visual tokens one image costs at most (null while loading)
 
 
 class LoadAdapterRequest(_Strict):

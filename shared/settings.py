@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Secrets no production service may run with: the placeholders docker/.env.example ships
+# ("change-me-api-key", "change-me-worker-token", "hf_change_me") and their like, by prefix.
+PLACEHOLDER_SECRET_PREFIXES = ("change-me", "change_me", "changeme", "hf_change_me", "placeholder")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -125,7 +128,23 @@ class Settings(BaseSettings):
             )
         if self.env == "production" and not self.api_key_set():
             raise ValueError("env=production requires API keys: set MOLE_API_KEYS (or MOLE_API_KEYS_FILE)")
+        if self.env == "production":
+            self._refuse_placeholders()
         return self
+
+    def _refuse_placeholders(self) -> None:
+        """Production refuses the example placeholders (never echoing a secret, only where it came from)."""
+        found = []
+        if any(_is_placeholder(k) for k in self.api_key_set()):
+            found.append("an API key (MOLE_API_KEYS / MOLE_API_KEYS_FILE)")
+        token = self.worker_token_value()
+        if token is not None and _is_placeholder(token):
+            found.append("the worker token (MOLE_WORKER_TOKEN / MOLE_WORKER_TOKEN_FILE)")
+        if found:
+            raise ValueError(
+                f"env=production refuses placeholder secrets: {' and '.join(found)} is still the "
+                '.env.example value; generate one: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
 
     def api_key_set(self) -> frozenset[str]:
         """All accepted API keys (``api_keys`` plus ``api_keys_file``); empty means auth is off."""
@@ -134,6 +153,23 @@ class Settings(BaseSettings):
     def worker_token_value(self) -> str | None:
         """The plain worker token, or None when workers run without one."""
         return self.worker_token.get_secret_value() if self.worker_token is not None else None
+
+
+def _is_placeholder(secret: str) -> bool:
+    return secret.strip().lower().startswith(PLACEHOLDER_SECRET_PREFIXES)
+
+
+def settings_error_line(exc: Exception) -> str:
+    """A settings ``ValidationError`` as one line: ``field: reason; ...`` (no input values echoed)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    parts = []
+    for err in errors(include_input=False):
+        field = "_".join(str(p) for p in err.get("loc", ())).upper()
+        message = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"MOLE_{field}: {message}" if field else message)
+    return "; ".join(parts)
 
 
 def resolve_device_dtype(settings: Settings) -> tuple[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,9 +18,16 @@ from worker.service import WorkerService
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, mapping: MoleMapping, worker_id: str) -> FastAPI:
+def create_app(
+    settings: Settings,
+    mapping: MoleMapping,
+    worker_id: str,
+    *,
+    refresh_storage: Callable[[], None] | None = None,
+) -> FastAPI:
     """A worker app serving ``worker_id`` of ``mapping``. The model loads in the background after
-    start-up; ``/health/ready`` is 503 until it is loaded and warmed."""
+    start-up; ``/health/ready`` is 503 until it is loaded and warmed. ``refresh_storage`` makes
+    files added to the weight storage since start visible (Modal: ``Volume.reload()``)."""
     spec = mapping.worker(worker_id)  # fail fast on an unknown id
 
     @asynccontextmanager
@@ -30,7 +37,9 @@ def create_app(settings: Settings, mapping: MoleMapping, worker_id: str) -> Fast
 
             torch.set_num_threads(settings.torch_threads)
         device, dtype = resolve_device_dtype(settings)
-        service = WorkerService(settings, mapping, worker_id, device=device, dtype=dtype)
+        service = WorkerService(
+            settings, mapping, worker_id, device=device, dtype=dtype, refresh_storage=refresh_storage
+        )
         app.state.service = service
         service.start_loading()
         try:

@@ -126,6 +126,8 @@ class ModelHolder(ABC):
             adapter_names=adapter_names,
             seed=first.seed,
             row_max_new_tokens=[r.params.max_new_tokens for r in rows],
+            max_pixels=self.spec.max_pixels,
+            min_pixels=self.spec.min_pixels,
         )
 
 

@@ -1,10 +1,15 @@
-"""The worker's Prometheus metrics, defined once on a per-app registry (labels: adapter, status)."""
+"""The worker's Prometheus metrics, defined once on a per-app registry (labels: adapter, status).
+
+No ``*_created`` series (they double the series count and no dashboard reads them). On Modal,
+``/metrics`` answers from whichever container the load balancer picks, so these are one container's
+counts; the coordinator's per-worker metrics are the app-wide view (docs/deploy.md).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -14,6 +19,7 @@ class WorkerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        disable_created_metrics()  # process-wide in prometheus_client; no service wants them
         r = self.registry
         self.requests = Counter(
             "mole_worker_requests",
@@ -45,8 +51,30 @@ class WorkerMetrics:
         )
         self.queue_depth = Gauge("mole_worker_queue_depth", "Requests waiting for a batch", registry=r)
         self.tokens = Counter("mole_worker_tokens_generated", "Generated tokens", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(
+            "mole_worker_prompt_tokens", "Prompt tokens, visual tokens included", ["adapter"], registry=r
+        )
+        self.image_tokens = Counter(
+            "mole_worker_image_tokens", "Visual tokens of the requests' images", ["adapter"], registry=r
+        )
+        self.gpu_memory = Gauge(
+            "mole_worker_gpu_memory_bytes",
+            "GPU memory of the worker's device (kind: allocated, reserved by torch; total); no samples on CPU",
+            ["kind"],
+            registry=r,
+        )
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
         self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
+
+    def observe_gpu(self, device: str) -> None:
+        """Read the device's memory into :attr:`gpu_memory` (a no-op unless ``device`` is cuda)."""
+        if not device.startswith("cuda"):
+            return
+        import torch
+
+        self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(device))
+        self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(device))
+        self.gpu_memory.labels("total").set(torch.cuda.get_device_properties(device).total_memory)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

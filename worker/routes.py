@@ -61,6 +61,7 @@ async def info(service: Service) -> WorkerInfo:
 @router.get("/metrics")
 async def metrics(service: Service) -> Response:
     service.metrics.queue_depth.set(service.batcher.queue_depth)
+    service.metrics.observe_gpu(service.holder.device)
     return metrics_response(service.metrics.registry)
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +25,7 @@ from shared.errors import AdapterNotFound, NotReady
 from shared.images import decode_image
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
-from shared.modeling import Generated, GenerationParams, render_prompt
+from shared.modeling import Generated, GenerationParams, max_visual_tokens, memory_in_use, render_prompt
 from shared.schemas import AdapterInfo, InferRequest, InferResponse, WorkerInfo, WorkerReady
 from shared.settings import Settings
 from worker.holders import ModelHolder, Row, make_holder
@@ -36,8 +39,21 @@ State = Literal["loading", "ready", "draining", "failed"]
 class WorkerService:
     """One worker: a model holder, its batcher, its metrics and its lifecycle state."""
 
-    def __init__(self, settings: Settings, mapping: MoleMapping, worker_id: str, *, device: str, dtype: str):
+    def __init__(
+        self,
+        settings: Settings,
+        mapping: MoleMapping,
+        worker_id: str,
+        *,
+        device: str,
+        dtype: str,
+        refresh_storage: Callable[[], None] | None = None,
+    ):
         self.settings = settings
+        # Makes files written to the weight storage since this process started visible to it (Modal:
+        # Volume.reload()); called before an adapter is read from a path. None: plain disks.
+        self.refresh_storage = refresh_storage
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"  # one container of a scaled app
         self.mapping = mapping
         self.spec = mapping.worker(worker_id)
         self.holder: ModelHolder = make_holder(self.spec, mapping, device=device, dtype=dtype)
@@ -82,11 +98,12 @@ class WorkerService:
         self.metrics.ready.set(1)
         self.metrics.adapters_loaded.set(len(self.holder.adapters()))
         logger.info(
-            "worker %s ready: %s holder, %d adapter(s), loaded in %.1fs",
+            "worker %s ready: %s holder, %d adapter(s), loaded in %.1fs; %s",
             self.spec.id,
             self.spec.mode,
             len(self.holder.adapters()),
             time.perf_counter() - t0,
+            memory_in_use(self.holder.device),
         )
 
     def _warm_up(self) -> None:
@@ -153,12 +170,16 @@ class WorkerService:
             self.metrics.queue_depth.set(self.batcher.queue_depth)
         self.metrics.latency.labels(adapter=req.adapter).observe(t2 - t0)
         self.metrics.tokens.labels(adapter=req.adapter).inc(result.tokens)
+        self.metrics.prompt_tokens.labels(adapter=req.adapter).inc(result.prompt_tokens)
+        self.metrics.image_tokens.labels(adapter=req.adapter).inc(result.image_tokens)
         return InferResponse(
             output=result.text,
             adapter=req.adapter,
             mode=self.spec.mode,
             worker_id=self.spec.id,
             tokens_generated=result.tokens,
+            prompt_tokens=result.prompt_tokens,
+            image_tokens=result.image_tokens,
             timings_ms={
                 "prepare": round((t1 - t0) * 1000, 3),
                 "queue_and_generate": round((t2 - t1) * 1000, 3),
@@ -179,6 +200,7 @@ class WorkerService:
             mode=self.spec.mode,
             adapters=[AdapterInfo(name=n, sha256=h) for n, h in sorted(self.holder.adapters().items())],
             error=self.load_error,
+            instance=self.instance,
         )
 
     def info(self) -> WorkerInfo:
@@ -194,6 +216,13 @@ class WorkerService:
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
             max_new_tokens_cap=s.max_new_tokens_cap,
+            max_pixels=self.spec.max_pixels,
+            min_pixels=self.spec.min_pixels,
+            max_image_tokens=(
+                max_visual_tokens(self.holder.processor, self.spec.max_pixels)
+                if self.holder.processor
+                else None
+            ),
         )
 
     # ---- hot adapter management (dynamic workers) -----------------------------------------
@@ -203,6 +232,8 @@ class WorkerService:
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         self.require_ready()
         async with self._lock_for(name):
+            if self.refresh_storage is not None:  # a file put on the volume after this container started
+                await asyncio.to_thread(self.refresh_storage)
             digest = await asyncio.to_thread(self.holder.add_adapter, name, Path(path))
         self.metrics.adapters_loaded.set(len(self.holder.adapters()))
         return AdapterInfo(name=name, sha256=digest)

@@ -7,6 +7,7 @@ the rules that tie entries together, :mod:`shared.mapping.load` reading a file i
 
 from shared.mapping.load import expand_env, load_mapping, parse_mapping
 from shared.mapping.schema import (
+    DEFAULT_WORKER_MAX_PIXELS,
     LOCAL_HOSTS,
     WORKER_ID_PATTERN,
     AdapterSpec,
@@ -23,6 +24,7 @@ from shared.mapping.schema import (
 )
 
 __all__ = [
+    "DEFAULT_WORKER_MAX_PIXELS",
     "LOCAL_HOSTS",
     "WORKER_ID_PATTERN",
     "AdapterSpec",

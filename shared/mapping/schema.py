@@ -25,6 +25,10 @@ from pydantic_core import PydanticCustomError
 from shared.errors import AdapterNotFound, ConfigError
 from shared.schemas import ADAPTER_NAME_PATTERN, Mode
 
+# A worker's default image budget: 2048 visual tokens of Qwen3-VL (32x32 px each), so a 1080p
+# screenshot (2.07 MP) passes untouched while one huge image cannot cost ~16k tokens (the checkpoint's
+# own budget is 16.7 MP) and a static batch of eight stays a bounded prefill.
+DEFAULT_WORKER_MAX_PIXELS = 2048 * 32 * 32
 WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"  # DNS-label-like: usable as a Modal app/compose name
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # URLs `mole up` starts as child processes
 
@@ -201,10 +205,36 @@ class WorkerSpec(_HasUrl):
     model: str | None = None  # merged: checkpoint (default: adapter's merged); dynamic: None -> base_model
     discover: str | None = None  # dynamic only: folder whose <name>/adapter subfolders are loaded too
     gpu: str | None = None  # deployment hint (Modal GPU type), e.g. "H100"
+    cpu: float | None = Field(default=None, gt=0)  # Modal: CPU cores reserved (None: modal_deploy's default)
+    memory_mib: int | None = Field(
+        default=None, ge=1024
+    )  # Modal: memory reserved (None: modal_deploy's default)
+    region: str | None = None  # Modal: region to pin the app to, e.g. "us-east" (None: anywhere)
     min_containers: int = Field(default=0, ge=0)  # Modal: warm containers kept
     max_containers: int = Field(default=1, ge=1)  # Modal: autoscaling ceiling
     scaledown_window_s: float = Field(default=300.0, ge=0)  # Modal: idle time before scale-down
     max_concurrency: int = Field(default=16, ge=1)  # concurrent requests one container accepts
+    # Image budget of this worker's model in pixels: every image is resized to within it (None: the
+    # checkpoint's own budget). Visual tokens per image <= max_pixels / (patch * merge)^2.
+    max_pixels: int | None = Field(default=DEFAULT_WORKER_MAX_PIXELS, ge=1024)
+    min_pixels: int | None = Field(default=None, ge=1)  # images below are upscaled (None: the checkpoint's)
+
+    @model_validator(mode="after")
+    def _pixel_budget(self) -> WorkerSpec:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
+
+    @property
+    def capacity(self) -> int:
+        """Requests the coordinator sends this worker at once: ``max_containers × max_concurrency``.
+
+        An autoscaled endpoint (a Modal app) is one URL in front of up to ``max_containers``
+        containers of ``max_concurrency`` each; sending it only one container's worth would never
+        give its autoscaler a backlog to scale on. A worker that is one process (``mole up``,
+        compose) keeps ``max_containers`` at 1, so its capacity is its ``max_concurrency``.
+        """
+        return self.max_containers * self.max_concurrency
 
     def is_local(self) -> bool:
         """True when the worker's URL is loopback, i.e. ``mole up`` starts it on this machine."""

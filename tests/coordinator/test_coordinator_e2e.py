@@ -8,6 +8,7 @@ process. Each coordinator has its own copy of the mapping so reload tests do not
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -18,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from support import (
+    REPO,
     ThreadServer,
     coordinator_process,
     demo_mapping_copy,
@@ -378,3 +382,23 @@ def test_openai_client_gets_a_chat_completion_with_an_image(stack: Stack) -> Non
         client.chat.completions.create(
             model="desktop", messages=[{"role": "user", "content": content}], stream=True
         )
+
+
+def test_dashboard_and_alerts_use_only_exported_metrics(stack: Stack) -> None:
+    """Every ``mole_*`` name in the Grafana dashboard and the Prometheus alert rules (docker/) is
+    exported by the live coordinator or workers, and no ``*_created`` series is exported."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported: set[str] = set()
+    texts = [httpx.get(f"{url}/metrics").text for url in (stack.url, stack.proc_url)]
+    texts += [httpx.get(f"{w.probe_url}/metrics").text for w in stack.workers.values()]
+    for text in texts:
+        assert "_created" not in text
+        for family in text_string_to_metric_families(text):
+            exported |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
+    dashboard = json.loads((REPO / "docker/grafana/dashboards/mole.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = yaml.safe_load((REPO / "docker/prometheus/alerts.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"\bmole_[a-z0-9_]+", expr)}
+    assert len(used) >= 20
+    assert sorted(used - exported) == []

@@ -180,6 +180,64 @@ def test_busy_replicas_make_requests_wait_for_a_slot_not_fail(tmp_path: Path) ->
     assert d.waiting == 0
 
 
+def test_an_autoscaled_worker_takes_every_containers_worth(tmp_path: Path) -> None:
+    """Capacity is max_containers x max_concurrency, and least-loaded compares fractions of it."""
+    mapping = make_mapping(tmp_path)
+    big, small = mapping.workers[0], mapping.workers[1]
+    big.max_concurrency, big.max_containers = 2, 4  # a Modal app: one URL, up to 4 containers
+    small.max_concurrency, small.max_containers = 2, 1
+    d, _ = make_dispatcher(mapping, {})
+    replicas = {r.spec.id: r for r in d.replicas()}
+    assert (big.capacity, small.capacity) == (8, 2)
+    replicas["merged-a"].in_flight, replicas["merged-b"].in_flight = 3, 1  # 3/8 < 1/2
+    assert replicas["merged-a"].has_slot and replicas["merged-b"].has_slot
+    first = d._order(d.plan("calendar", True)[0], set(), time.monotonic())[0]
+    assert first.spec.id == "merged-a"
+    assert d.view()[0]["capacity"] == 8
+
+
+def test_a_workers_429_holds_it_at_what_it_accepted_for_retry_after(tmp_path: Path) -> None:
+    mapping = make_mapping(tmp_path)
+    d, _ = make_dispatcher(mapping, {})
+    replica = d.replicas()[0]
+    replica.in_flight = 5  # the request refused with 429 included
+    now = time.monotonic()
+    replica.throttle(2.0, now)
+    assert replica.limit(now) == 4 and replica.limit(now + 2.1) == replica.spec.capacity
+    replica.in_flight = 4
+    assert not replica.has_slot
+
+
+def test_probes_of_different_containers_do_not_flip_the_reported_adapters(tmp_path: Path) -> None:
+    """An autoscaled app's probes land on different containers; one of them got a hot-loaded
+    adapter first. The view is the union over the report window, so it does not flip."""
+    from coordinator import replicas as replicas_module
+
+    d, _ = make_dispatcher(make_mapping(tmp_path), {})
+    replica = next(r for r in d.replicas() if r.spec.id == "dynamic-0")
+    both = [AdapterInfo(name="calendar", sha256="a"), AdapterInfo(name="login", sha256="b")]
+    hot = [*both, AdapterInfo(name="extra", sha256="c")]
+    views = []
+    for i in range(6):
+        container = "c1" if i % 2 else "c2"
+        d.prober.record(replica, Probe("up", adapters=hot if container == "c1" else both, instance=container))
+        row = next(w for w in d.view() if w["id"] == "dynamic-0")
+        views.append(
+            ([a["name"] for a in row["reported_adapters"]], row["extra_adapters"], row["instances_seen"])
+        )
+    assert views[1:] == [(["calendar", "extra", "login"], ["extra"], 2)] * 5
+    assert replica.holds("calendar") and replica.holds("login")
+    # past the window, what no container reports any more is gone
+    for name, (_, info) in list(replica.seen.items()):
+        replica.seen[name] = (time.monotonic() - replicas_module.REPORT_WINDOW_S - 1, info)
+    replica.instances = {k: 0.0 for k in replica.instances}
+    d.prober.record(replica, Probe("up", adapters=both, instance="c2"))
+    row = next(w for w in d.view() if w["id"] == "dynamic-0")
+    assert [a["name"] for a in row["reported_adapters"]] == ["calendar", "login"] and row[
+        "instances_seen"
+    ] == 1
+
+
 def test_too_many_waiting_requests_get_429(tmp_path: Path) -> None:
     mapping = make_mapping(tmp_path)
     for w in mapping.workers:

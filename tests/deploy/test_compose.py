@@ -21,7 +21,8 @@ ENV_FILE = DOCKER / ".env.example"
 MAPPING = REPO / "config" / "expert_machine_mapping.json"
 # The wrapper script drops the exit status, so run the binary itself.
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
-SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS")
+SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
+MONITORING = ("prometheus", "grafana")  # the services that are not mole's
 
 
 def _compose(file: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,7 +103,7 @@ def test_one_box_runs_every_worker_of_the_mapping_on_its_own_gpu(one_box: dict[s
 
 def test_one_box_health_shutdown_ports_and_networks(one_box: dict[str, Any]) -> None:
     services = one_box["services"]
-    mole_services = [n for n in services if n != "prometheus"]
+    mole_services = [n for n in services if n not in MONITORING]
     drain = Settings().drain_timeout_s
     for name in mole_services:
         service = services[name]
@@ -113,7 +114,8 @@ def test_one_box_health_shutdown_ports_and_networks(one_box: dict[str, Any]) -> 
             assert "ports" not in service, f"{name} publishes a port"
             assert set(service["networks"]) == {"internal"}
     assert [p["target"] for p in services["coordinator"]["ports"]] == [8000]
-    assert all(p.get("host_ip") == "127.0.0.1" for p in services["prometheus"].get("ports", []))
+    for name in MONITORING:
+        assert all(p.get("host_ip") == "127.0.0.1" for p in services[name].get("ports", [])), name
     assert one_box["networks"]["internal"]["internal"] is True
 
 
@@ -126,7 +128,7 @@ def test_secrets_are_files_never_environment(one_box: dict[str, Any]) -> None:
         env = service.get("environment") or {}
         assert not set(SECRET_VARS) & set(env), f"{name} has a secret in environment"
         assert not {env_example[v] for v in SECRET_VARS} & set(env.values()), name
-        if name != "prometheus":
+        if name not in MONITORING:
             secrets = {s["source"] for s in service["secrets"]}
             assert {"worker_token", "hf_token"} <= secrets
             assert env["MOLE_WORKER_TOKEN_FILE"] == "/run/secrets/worker_token"
@@ -139,7 +141,38 @@ def test_secrets_are_files_never_environment(one_box: dict[str, Any]) -> None:
 
 def test_prometheus_scrapes_every_service(one_box: dict[str, Any]) -> None:
     targets = set(re.findall(r'"([a-z0-9-]+:\d+)"', (DOCKER / "prometheus.yml").read_text()))
-    assert targets == {f"{name}:8000" for name in one_box["services"] if name != "prometheus"}
+    assert targets == {f"{name}:8000" for name in one_box["services"] if name not in MONITORING}
+
+
+def test_grafana_and_alert_rules_are_provisioned_and_logs_rotate(one_box: dict[str, Any]) -> None:
+    import yaml
+
+    services = one_box["services"]
+    mounts = {v["target"]: Path(v["source"]) for v in services["grafana"]["volumes"] if v["type"] == "bind"}
+    datasources = yaml.safe_load(
+        (mounts["/etc/grafana/provisioning"] / "datasources/prometheus.yml").read_text()
+    )
+    (source,) = datasources["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
+    dashboard = json.loads((mounts["/var/lib/grafana/dashboards"] / "mole.json").read_text())
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])} == {
+        "prometheus"
+    }
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/run/secrets/")
+    prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    rules = {v["target"]: Path(v["source"]) for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert (
+        prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"] and "/etc/prometheus/alerts.yml" in rules
+    )
+    alerts = yaml.safe_load(rules["/etc/prometheus/alerts.yml"].read_text())
+    assert all({"alert", "expr", "for", "labels"} <= set(r) for g in alerts["groups"] for r in g["rules"])
+    for name, service in services.items():
+        assert service["logging"] == {
+            "driver": "json-file",
+            "options": {"max-size": "50m", "max-file": "5"},
+        }, name
+    worker = next(iter(_config(DOCKER / "docker-compose.worker.yml")["services"].values()))
+    assert worker["logging"]["options"]["max-file"] == "5"
 
 
 def test_remote_worker_template() -> None:
@@ -163,3 +196,19 @@ def test_dockerfiles(role: str) -> None:
     assert f'"mole", "{role}"' in text
     copied = re.findall(r"^COPY (.+) \S+$", text, re.M)
     assert not [c for c in copied if re.search(r"\.cache|models|vol|loras|merged", c)]  # no weights
+    # dependencies are installed from pyproject.toml alone, before any code is copied (layer cache)
+    steps = re.findall(r"^(COPY|RUN) (.*)$", text, re.M)
+    first_code = next(i for i, (op, arg) in enumerate(steps) if op == "COPY" and arg.startswith("mole "))
+    deps = next(i for i, (op, arg) in enumerate(steps) if op == "RUN" and "pyproject.toml" in arg)
+    assert deps < first_code and [a for op, a in steps[:deps] if op == "COPY"] == [
+        "pyproject.toml README.md ./"
+    ]
+    assert re.search(r"^RUN pip install --no-deps \.", text, re.M)
+
+
+def test_what_users_create_under_docker_is_git_ignored() -> None:
+    for path in ("docker/.env", "docker/models/Qwen3-VL-8B-Instruct/config.json", "docker/vol/loras/x"):
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True)
+        assert result.returncode == 0, f"{path} is not git-ignored"
+    result = subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO)
+    assert result.returncode == 1  # the template stays tracked

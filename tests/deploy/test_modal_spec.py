@@ -14,13 +14,16 @@ import httpx
 import pytest
 from support import REPO, demo_mapping_copy
 
-from modal_deploy.serving import ContainerApp, load
+from modal_deploy.serving import ContainerApp, load, volume_refresher
 from modal_deploy.spec import (
     CONTAINER_ENV,
+    DEFAULT_CPU,
+    DEFAULT_MEMORY_MIB,
     SPEC_ENV,
     VOLUMES,
     AppSpec,
     build_specs,
+    image_packages,
     load_for_modal,
     spec_from_env,
     worker_url_vars,
@@ -51,6 +54,7 @@ def test_one_app_per_worker_then_the_coordinator() -> None:
         assert (spec.min_containers, spec.max_containers) == (w.min_containers, w.max_containers)
         assert spec.scaledown_window_s == w.scaledown_window_s
         assert spec.max_concurrency == w.max_concurrency
+        assert (spec.cpu, spec.memory_mib, spec.region) == (DEFAULT_CPU, DEFAULT_MEMORY_MIB, None)
         assert spec.volumes == VOLUMES and {"/models", "/vol"} <= set(spec.volumes)
         assert "MOLE_WORKER_TOKEN" in spec.required_secret_keys  # no proxy auth: the token instead
         assert spec.requires_proxy_auth is False
@@ -83,6 +87,47 @@ def test_gpu_default_and_paths_follow_the_container_env(tmp_path: Path) -> None:
     assert load_for_modal(str(MAPPING), environ={"MOLE_VOLUME": "/home/me/vol"}).workers[0].model == (
         "/vol/merged/calendar"
     )
+
+
+def test_resources_and_region_come_from_the_worker_else_the_defaults(tmp_path: Path) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["workers"][0].update(cpu=16, memory_mib=131072, region="eu-west")
+
+    specs = build_specs(_edited(tmp_path, edit), region="us-east")
+    assert [(s.cpu, s.memory_mib, s.region) for s in specs] == [
+        (16, 131072, "eu-west"),
+        (DEFAULT_CPU, DEFAULT_MEMORY_MIB, "us-east"),
+        (DEFAULT_CPU, DEFAULT_MEMORY_MIB, "us-east"),
+        (DEFAULT_CPU, DEFAULT_MEMORY_MIB, "us-east"),  # the coordinator
+    ]
+    assert DEFAULT_CPU >= 4 and DEFAULT_MEMORY_MIB >= 32 * 1024  # not Modal's fraction of a core
+
+
+def test_the_image_adds_torchvision_resolved_against_the_torch_pin(tmp_path: Path) -> None:
+    packages = image_packages(REPO / "pyproject.toml")
+    assert packages[0].startswith("torch==") and "torchvision" in packages
+    unpinned = tmp_path / "pyproject.toml"
+    unpinned.write_text('[project]\ndependencies = ["torch>=2"]\n')
+    with pytest.raises(ConfigError, match="not pinned"):
+        image_packages(unpinned)
+
+
+def test_volume_refresher_reloads_every_volume_and_survives_a_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[str] = []
+
+    class Volume:  # Modal's volume cannot run here; this stands in for its reload()
+        def __init__(self, name: str, fail: bool = False):
+            self.name, self.fail = name, fail
+
+        def reload(self) -> None:
+            calls.append(self.name)
+            if self.fail:
+                raise RuntimeError("there are open files")
+
+    volume_refresher([Volume("vol", fail=True), Volume("models")])()
+    assert calls == ["vol", "models"] and "open files" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -144,10 +189,12 @@ def test_container_loads_the_worker_before_serving(
     mapping = demo_mapping_copy(demo_assets, tmp_path)
     base = build_specs(load_for_modal(str(MAPPING), environ={}), coordinator=False)[0]
     spec = base.model_copy(update={"worker_id": "merged-calendar"})
-    container_app = load(spec, mapping, timeout_s=120)
+    reloads: list[int] = []
+    container_app = load(spec, mapping, timeout_s=120, refresh_storage=lambda: reloads.append(1))
     try:
         statuses = asyncio.run(_exercise(container_app))
-        assert statuses == {"ready": 200, "infer_without_token": 401, "lifespan": "ok"}
+        assert statuses == {"ready": 200, "infer_without_token": 401, "lifespan": "ok", "load_adapter": 400}
+        assert reloads == [1]  # the volume is reloaded before an adapter is read from it
     finally:
         container_app.close()
 
@@ -158,6 +205,13 @@ async def _exercise(container_app: ContainerApp) -> dict[str, Any]:
         ready = (await client.get("/health/ready")).status_code
         infer = (
             await client.post("/infer", json={"image_b64": "", "prompt": "x", "adapter": "c"})
+        ).status_code
+        adapter = (  # a merged worker refuses it, after the volume was reloaded
+            await client.post(
+                "/adapters",
+                json={"name": "extra", "path": "/vol/loras/extra/adapter"},
+                headers={"Authorization": "Bearer t0ken"},
+            )
         ).status_code
     incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[str] = []
@@ -170,4 +224,9 @@ async def _exercise(container_app: ContainerApp) -> dict[str, Any]:
 
     await container_app({"type": "lifespan"}, receive, send)
     ok = sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-    return {"ready": ready, "infer_without_token": infer, "lifespan": "ok" if ok else sent}
+    return {
+        "ready": ready,
+        "infer_without_token": infer,
+        "lifespan": "ok" if ok else sent,
+        "load_adapter": adapter,
+    }

@@ -1,4 +1,5 @@
-"""``mole up``: the real command on the demo mapping, as a user runs it, then stopped with SIGTERM."""
+"""``mole up``: the real command on the demo mapping, as a user runs it: a worker SIGKILLed under it is
+restarted while the others keep serving, then the whole stack is stopped with SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import httpx
 import pytest
 from support import REPO, demo_mapping_copy
 
-from mole.supervisor import Stack, StackError
+from mole import synthetic
+from mole.supervisor import RestartPolicy, Stack, StackError
+from shared.images import encode_image_b64
 
 READY_TIMEOUT_S = 150  # four tiny models loading at once on two CPU cores
 
@@ -62,7 +65,27 @@ def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
         raise
 
 
-def test_up_starts_every_service_and_sigterm_stops_them_all(demo_assets: Path, tmp_path: Path) -> None:
+def _classify_calendar(url: str) -> dict:
+    sample = synthetic.make_samples(1, seed=7, kinds=("calendar",))[0]
+    body = {"image_b64": encode_image_b64(sample.image), "prompt": sample.prompt, "expert": "calendar"}
+    resp = httpx.post(f"{url}/classify", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _services(log_dir: Path) -> dict[str, dict]:
+    return {s["name"]: s for s in json.loads((log_dir / "stack.json").read_text())["services"]}
+
+
+def test_restart_policy_backs_off_and_caps() -> None:
+    policy = RestartPolicy(base_s=1.0, max_s=8.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 9)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_up_restarts_a_killed_worker_and_sigterm_stops_them_all(demo_assets: Path, tmp_path: Path) -> None:
+    """Every service comes up; SIGKILL of a merged worker leaves the rest serving (its adapter
+    answers from the dynamic worker, ``degraded``), the worker is restarted and used again; SIGTERM
+    then stops everything, the restarted worker included."""
     mapping = demo_mapping_copy(demo_assets, tmp_path)
     log_dir, out = tmp_path / "logs", tmp_path / "up.out"
     up = _mole_up(mapping, log_dir, out)
@@ -83,6 +106,27 @@ def test_up_starts_every_service_and_sigterm_stops_them_all(demo_assets: Path, t
             assert Path(s["log"]).stat().st_size > 0
         text = out.read_text()
         assert all(name in text and s["url"] in text for name, s in services.items())  # the table
+
+        coordinator = services["coordinator"]["url"]
+        assert _classify_calendar(coordinator)["worker_id"] == "merged-calendar"
+        victim = services["merged-calendar"]
+        os.kill(victim["pid"], signal.SIGKILL)
+        while _alive(victim["pid"]):
+            time.sleep(0.05)
+        answer = _classify_calendar(coordinator)  # while the worker is dead or loading again
+        assert (answer["worker_id"], answer["degraded"]) == ("dynamic-0", True), answer
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while (now := _services(log_dir)["merged-calendar"])["state"] != "ready" or not now["restarts"]:
+            assert up.poll() is None, f"mole up exited with {up.returncode}:\n{out.read_text()}"
+            assert time.monotonic() < deadline, f"merged-calendar not restarted:\n{out.read_text()}"
+            time.sleep(0.5)
+        assert now["restarts"] == 1 and now["pid"] != victim["pid"] and now["last_exit"] == -signal.SIGKILL
+        assert all(_alive(s["pid"]) for n, s in services.items() if n != "merged-calendar")  # untouched
+        text = out.read_text()
+        assert "merged-calendar exited with SIGKILL; restarting it in" in text, text
+        assert "merged-calendar ready again (restart 1" in text, text
+        assert _classify_calendar(coordinator)["worker_id"] == "merged-calendar"  # used again
+        services["merged-calendar"] = now
 
         up.send_signal(signal.SIGTERM)
         assert _wait_exit(up, 60) == 0, out.read_text()

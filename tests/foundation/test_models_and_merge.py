@@ -54,6 +54,19 @@ def test_loader_builds_a_real_qwen3_vl_processor_and_model(demo_assets: Path) ->
     assert text.endswith("<|im_start|>assistant\n") and "<|image_pad|>" in text
 
 
+def test_loading_says_what_where_and_the_memory_used(
+    demo_assets: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CPU-testable half of GPU loading: the "loading X on DEVICE, DTYPE" line before and the
+    memory line after (on cuda it also names the device memory; not run here, no GPU)."""
+    with caplog.at_level("INFO", logger="shared.modeling"):
+        model = load_model(demo_assets / "base", device="cpu", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.modeling"]
+    assert any(f"loading {demo_assets / 'base'} on cpu, bfloat16 (" in line for line in lines), lines
+    assert any(line.startswith("loaded base in ") and "peak host RSS" in line for line in lines), lines
+
+
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_processor(tmp_path / "nope")

@@ -76,6 +76,35 @@ def test_production_without_keys_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Settings().env == "production"
 
 
+def _env_example() -> dict[str, str]:
+    path = Path(__file__).resolve().parents[2] / "docker" / ".env.example"
+    lines = [line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and line[0] != "#"]
+    return {k.strip(): v.strip() for k, v in lines}
+
+
+@pytest.mark.parametrize("variable", ["MOLE_API_KEYS", "MOLE_WORKER_TOKEN"])
+def test_production_refuses_the_env_example_placeholders(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    example = _env_example()
+    monkeypatch.setenv("MOLE_ENV", "production")
+    monkeypatch.setenv("MOLE_API_KEYS", "a-real-key-9f8e7d")
+    monkeypatch.setenv(variable, example[variable])
+    with pytest.raises(ValidationError, match="placeholder") as err:
+        Settings()
+    assert example[variable] not in str(err.value)  # the secret itself is never echoed
+    monkeypatch.delenv(variable)  # the same placeholder from a secret file is refused too
+    secret = tmp_path / "secret"
+    secret.write_text(example[variable] + "\n")
+    monkeypatch.setenv(f"{variable}_FILE", str(secret))
+    if variable == "MOLE_API_KEYS":
+        monkeypatch.setenv("MOLE_API_KEYS", "a-real-key-9f8e7d")
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings()
+    monkeypatch.setenv("MOLE_ENV", "development")  # development keeps working with them
+    assert Settings().env == "development"
+
+
 def test_repr_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOLE_API_KEYS", "supersecretkey")
     monkeypatch.setenv("MOLE_WORKER_TOKEN", "workertokenvalue")
