@@ -46,6 +46,11 @@ class WorkerMetrics:
         self.queue_depth = Gauge("mole_worker_queue_depth", "Requests waiting for a batch", registry=r)
         self.tokens = Counter("mole_worker_tokens_generated", "Generated tokens", ["adapter"], registry=r)
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
+        self.cancelled = Counter(
+            "mole_worker_cancelled_requests",
+            "Requests dropped because their caller disconnected (queued rows removed, running rows stopped)",
+            registry=r,
+        )
         self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
