@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import shutil
 import socket
 import threading
 import time
@@ -23,7 +25,15 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
-from support import coordinator_process, demo_mapping_copy, wait_for, worker_process
+from support import (
+    ThreadServer,
+    coordinator_process,
+    demo_mapping_copy,
+    free_port,
+    misbehaving_worker,
+    wait_for,
+    worker_process,
+)
 
 from mole import synthetic
 from mole.supervisor import ServiceProcess
@@ -38,7 +48,14 @@ METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0
 REQUEST_PIXELS = 16_000_000  # per-request budget of the test coordinator (the default is 64 M)
-DISPATCH = {"probe_interval_s": 0.3, "eject_after_failures": 3, "eject_base_s": 30.0, "retries": 1}
+DISPATCH_TIMEOUT_S = 60.0
+DISPATCH = {
+    "probe_interval_s": 0.3,
+    "eject_after_failures": 3,
+    "eject_base_s": 30.0,
+    "retries": 1,
+    "request_timeout_s": DISPATCH_TIMEOUT_S,
+}
 DEMO_WORKERS = ("merged-calendar", "merged-claim", "dynamic-0")
 
 
@@ -53,6 +70,14 @@ class Stack:
 def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("hardening")
     mapping = demo_mapping_copy(demo_assets, root, dispatch=DISPATCH)
+    hang_port = free_port()
+    doc = json.loads(mapping.read_text())
+    doc["adapters"]["slow"] = {"lora": doc["adapters"]["login"]["lora"], "description": "never answered"}
+    doc["workers"].append(
+        {"id": "hang-0", "url": f"http://127.0.0.1:{hang_port}", "mode": "dynamic", "adapters": ["slow"]}
+    )
+    mapping.write_text(json.dumps(doc, indent=2))
+    hang = ThreadServer(misbehaving_worker("hang-0", "slow", "hang"), hang_port)  # fault injection
     common = {"MOLE_WORKER_TOKEN": WORKER_TOKEN, "MOLE_METRICS_TOKEN": METRICS_TOKEN}
     workers = {wid: worker_process(mapping, wid, root, env=common) for wid in DEMO_WORKERS}
     coordinator = coordinator_process(
@@ -67,6 +92,7 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         },
     )
     try:
+        hang.wait_started()
         for svc in workers.values():
             svc.wait_ready()
         coordinator.wait_ready()
@@ -75,6 +101,7 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield stack
     finally:
         coordinator.stop()
+        hang.stop()
         for svc in workers.values():
             svc.stop()
 
@@ -122,6 +149,54 @@ def _raw(url: str, data: bytes, *, timeout: float = 20.0) -> bytes:
         except ConnectionResetError:
             pass
     return b"".join(chunks)
+
+
+# ---- 1 and 7. hot reloads -------------------------------------------------------------------------------
+
+
+def test_a_failed_hot_reload_leaves_the_adapter_serving(
+    stack: Stack, demo_assets: Path, tmp_path: Path, figures: dict
+) -> None:
+    dynamic = stack.workers["dynamic-0"].url
+    good = demo_assets / "loras" / "claim" / "adapter"
+    truncated, wrong_rank = tmp_path / "truncated", tmp_path / "wrong-rank"
+    for folder in (truncated, wrong_rank):
+        shutil.copytree(good, folder)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((good / "adapter_config.json").read_text())
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+
+    def hashes() -> dict[str, str]:
+        return {
+            a["name"]: a["sha256"] for a in httpx.get(f"{dynamic}/health/ready", timeout=5).json()["adapters"]
+        }
+
+    before = hashes()
+    infer = {**_body(kind="claim"), "adapter": "claim", "max_new_tokens": 8}
+    answers = {}
+    for name, folder in (
+        ("truncated safetensors", truncated),
+        ("rank not matching the weights", wrong_rank),
+        ("the right files", good),
+    ):
+        r = httpx.post(
+            f"{dynamic}/adapters",
+            json={"name": "claim", "path": str(folder)},
+            headers=WORKER_AUTH,
+            timeout=60,
+        )
+        served = httpx.post(f"{dynamic}/infer", json=infer, headers=WORKER_AUTH, timeout=60)
+        answers[name] = (r.status_code, r.json().get("error", {}).get("message", "")[:60], served.status_code)
+        assert served.status_code == 200 and served.json()["output"].startswith("CLAIM"), name
+        assert hashes() == before, name
+    assert answers["truncated safetensors"][0] == 400 and answers["rank not matching the weights"][0] == 400
+    assert answers["the right files"][0] == 200
+    figures["hardening: failed hot reload (dynamic worker)"] = {
+        **{f"POST /adapters claim: {k}": f"{a}; then /infer claim {c}" for k, (a, _, c) in answers.items()},
+        "adapters and hashes afterwards": "unchanged",
+        "before the fix (issue 14)": "claim deleted (truncated) or half-registered (rank): 500, 404, 503 until restart",
+    }
 
 
 # ---- 2. header size and count ---------------------------------------------------------------------
@@ -342,7 +417,7 @@ def test_prompt_control_tokens_are_plain_text(stack: Stack, figures: dict) -> No
     assert forged_resp.json()["output"].startswith("CLAIM status=")
     assert all(r["ok"] for r in batch.json()["results"])
     figures["hardening: prompt control tokens (coordinator)"] = {
-        "prompt with <|image_pad|>": f"{pad_resp.status_code} (was 400 naming image_b64)",
+        "prompt with two image_pad tokens": f"{pad_resp.status_code} (was 400 naming image_b64)",
         "forged system turn": f"{forged_resp.status_code}, expert's own answer: {forged_resp.json()['output'][:30]}",
     }
 
@@ -351,65 +426,31 @@ def test_prompt_control_tokens_are_plain_text(stack: Stack, figures: dict) -> No
 
 
 def test_a_disconnected_clients_request_is_cancelled(stack: Stack, figures: dict) -> None:
-    dynamic = stack.workers["dynamic-0"].url
-    sample = synthetic.make_samples(1, seed=5, kinds=("login",))[0]
-    blocker = {
-        "model": "login",
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_to_data_url(sample.image)}},
-                    {"type": "text", "text": sample.prompt},
-                ],
-            }
-        ],
-        "temperature": 2.0,
-        "max_tokens": 256,
-        "seed": 3,
-    }
-    cancelled_before = _metric(stack.url, "mole_coordinator_cancelled_requests_total")
-    worker_before = _metric(dynamic, "mole_worker_cancelled_requests_total")
-
-    blockers = 6  # sampling requests with different seeds run one at a time: the worker stays busy
+    """The request waits on a worker that never answers (fault injection); its client goes away."""
+    before = _metric(stack.url, "mole_coordinator_cancelled_requests_total")
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=stack.url, headers=AUTH, timeout=120) as client:
-            busy = [
-                asyncio.create_task(client.post("/v1/chat/completions", json={**blocker, "seed": seed}))
-                for seed in range(blockers)
-            ]
+        async with httpx.AsyncClient(base_url=stack.url, headers=AUTH, timeout=120) as victim:
+            task = asyncio.create_task(victim.post("/classify", json=_body(expert="slow")))
             await asyncio.to_thread(
-                wait_for, lambda: _workers(stack)["dynamic-0"]["in_flight"] >= blockers, "the blockers"
+                wait_for, lambda: _workers(stack)["hang-0"]["in_flight"] == 1, "the request at the worker"
             )
-            victim = httpx.AsyncClient(base_url=stack.url, headers=AUTH, timeout=120)
-            task = asyncio.create_task(
-                victim.post("/classify", json=_body(kind="login", expert="login", max_new_tokens=256))
-            )
-            await asyncio.to_thread(
-                wait_for,
-                lambda: _workers(stack)["dynamic-0"]["in_flight"] > blockers,
-                "the victim at the worker",
-            )
-            await asyncio.sleep(0.3)  # let it reach the worker's queue
             task.cancel()  # the client goes away: its connection closes
-            await victim.aclose()
-            await asyncio.gather(*busy)
+            await asyncio.gather(task, return_exceptions=True)
 
+    t0 = time.monotonic()
     asyncio.run(scenario())
     wait_for(
-        lambda: _metric(stack.url, "mole_coordinator_cancelled_requests_total") > cancelled_before,
+        lambda: _metric(stack.url, "mole_coordinator_cancelled_requests_total") > before,
         "the coordinator counting the cancelled request",
     )
-    wait_for(
-        lambda: _metric(dynamic, "mole_worker_cancelled_requests_total") > worker_before,
-        "the worker dropping the cancelled row",
-    )
-    wait_for(lambda: _workers(stack)["dynamic-0"]["in_flight"] == 0, "the slot freed")
-    figures["hardening: disconnected client (coordinator → dynamic worker)"] = {
-        "cancelled at the coordinator": int(_metric(stack.url, "mole_coordinator_cancelled_requests_total")),
-        "rows dropped at the worker": int(_metric(dynamic, "mole_worker_cancelled_requests_total")),
-        "before the fix": "routing and generation ran to the end",
+    wait_for(lambda: _workers(stack)["hang-0"]["in_flight"] == 0, "the worker call given up")
+    freed_s = time.monotonic() - t0
+    figures["hardening: disconnected client (coordinator)"] = {
+        "request on a worker that never answers, client gone": "cancelled",
+        "worker slot freed after, s": f"{freed_s:.1f} (request timeout {DISPATCH_TIMEOUT_S:g} s)",
+        "counted in": "mole_coordinator_cancelled_requests_total; a worker counts mole_worker_cancelled_requests_total",
+        "before the fix": "routing and generation ran to the end (here: until the request timeout)",
     }
 
 

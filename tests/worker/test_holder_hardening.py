@@ -4,8 +4,10 @@ rows whose caller has gone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,10 @@ import pytest
 
 from mole import synthetic
 from shared.errors import GenerationFailed, InvalidInput, UnprocessableRequest
+from shared.images import encode_image_b64
 from shared.mapping import load_mapping
 from shared.modeling import GenerationParams, render_prompt
+from shared.schemas import InferRequest
 from shared.settings import Settings
 from worker.holders import DynamicHolder, Row
 from worker.service import WorkerService
@@ -151,3 +155,49 @@ def test_a_row_whose_caller_has_gone_stops_generating(service: WorkerService) ->
     row = _row(holder, "login", max_new_tokens=64, temperature=1.5)
     row.cancelled.set()
     assert holder.generate([row])[0].tokens <= 1
+
+
+def test_a_cancelled_request_is_dropped_from_the_queue_and_counted(
+    service: WorkerService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller of a queued request goes away (its HTTP connection closed): the row never runs."""
+    holder = service.holder
+    real = holder._generate
+    running = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def slow(rows: Any) -> Any:  # fault injection: the batch in front takes as long as the test needs
+        ran.extend(r.text for r in rows)
+        running.set()
+        release.wait(30)
+        return real(rows)
+
+    monkeypatch.setattr(holder, "_generate", slow)
+    sample = synthetic.make_samples(1, seed=11, kinds=("login",))[0]
+    image = encode_image_b64(sample.image)
+    before = service.metrics.cancelled._value.get()
+
+    async def scenario() -> None:
+        first = asyncio.create_task(
+            service.infer(InferRequest(image_b64=image, prompt="first", adapter="login", max_new_tokens=2))
+        )
+        await asyncio.to_thread(running.wait, 30)
+        victim = asyncio.create_task(
+            service.infer(InferRequest(image_b64=image, prompt="victim", adapter="login", max_new_tokens=2))
+        )
+        while service.batcher.queue_depth == 0:
+            await asyncio.sleep(0.01)
+        victim.cancel()
+        await asyncio.gather(victim, return_exceptions=True)
+        assert (
+            service.batcher.queue_depth == 0
+            and service.pixels.in_use == sample.image.width * sample.image.height
+        )
+        release.set()
+        await first
+
+    asyncio.run(scenario())
+    assert not any("victim" in text for text in ran)
+    assert service.metrics.cancelled._value.get() == before + 1
+    assert service.pixels.in_use == 0
