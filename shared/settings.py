@@ -24,6 +24,18 @@ def _read_secret_file(path: Path, what: str) -> str:
         raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _token(value: SecretStr | None, file: Path | None, name: str) -> SecretStr | None:
+    """A token given as ``MOLE_<NAME>`` or read from ``MOLE_<NAME>_FILE`` (not both; not empty)."""
+    if file is None:
+        return value
+    if value is not None:
+        raise ValueError(f"set MOLE_{name.upper()} or MOLE_{name.upper()}_FILE, not both")
+    token = _read_secret_file(file, f"{name}_file")
+    if not token:
+        raise ValueError(f"{name}_file: {file} is empty")
+    return SecretStr(token)
+
+
 def _split_keys(text: str) -> list[str]:
     """Keys from ``a,b``, one per line, or a JSON list; blanks and ``#`` comment lines dropped."""
     text = text.strip()
@@ -123,20 +135,8 @@ class Settings(BaseSettings):
     def _load_files_and_check(self) -> Settings:
         if self.api_keys_file is not None:
             self._file_keys = frozenset(_split_keys(_read_secret_file(self.api_keys_file, "api_keys_file")))
-        if self.worker_token_file is not None:
-            if self.worker_token is not None:
-                raise ValueError("set MOLE_WORKER_TOKEN or MOLE_WORKER_TOKEN_FILE, not both")
-            token = _read_secret_file(self.worker_token_file, "worker_token_file")
-            if not token:
-                raise ValueError(f"worker_token_file: {self.worker_token_file} is empty")
-            self.worker_token = SecretStr(token)
-        if self.metrics_token_file is not None:
-            if self.metrics_token is not None:
-                raise ValueError("set MOLE_METRICS_TOKEN or MOLE_METRICS_TOKEN_FILE, not both")
-            token = _read_secret_file(self.metrics_token_file, "metrics_token_file")
-            if not token:
-                raise ValueError(f"metrics_token_file: {self.metrics_token_file} is empty")
-            self.metrics_token = SecretStr(token)
+        self.worker_token = _token(self.worker_token, self.worker_token_file, "worker_token")
+        self.metrics_token = _token(self.metrics_token, self.metrics_token_file, "metrics_token")
         if not self.max_image_pixels <= self.max_request_pixels <= self.max_pixels_in_flight:
             raise ValueError(
                 f"pixel limits must satisfy max_image_pixels ({self.max_image_pixels}) <= max_request_pixels "
