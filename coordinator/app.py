@@ -17,11 +17,20 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from coordinator.backends import Backend
+from coordinator.deps import ApiKeyDep
 from coordinator.router import RouterModelProvider
-from coordinator.routes import admin, ops, public
+from coordinator.routes import admin, internal, ops, public
 from coordinator.service import CoordinatorService
 from shared.errors import install_error_handlers
-from shared.http import BodyLimitMiddleware, RequestIdMiddleware, RequireJsonMiddleware
+from shared.http import (
+    BodyLimitMiddleware,
+    CancelOnDisconnectMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+    RequireJsonMiddleware,
+    Scope,
+    install_docs,
+)
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,14 +74,39 @@ def create_app(
             await service.aclose()
             logger.info("coordinator stopped")
 
-    app = FastAPI(title="mole coordinator", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="mole coordinator",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,  # served by install_docs, behind the API key
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_set()
+    app.state.metrics_tokens = settings.metrics_tokens(app.state.api_keys)
     install_error_handlers(app)
     app.add_middleware(RequireJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_headers=settings.max_headers
+    )
+    app.add_middleware(CancelOnDisconnectMiddleware, on_cancel=_count_cancelled)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries the request id
     app.include_router(public)
     app.include_router(admin)
+    app.include_router(internal)
     app.include_router(ops)
+    install_docs(app, ApiKeyDep)
     return app
+
+
+def _count_cancelled(scope: Scope) -> None:
+    """A request cancelled because its client disconnected (``mole_coordinator_cancelled_requests_total``)."""
+    service: CoordinatorService | None = getattr(scope["app"].state, "service", None)
+    if service is not None:
+        service.metrics.cancelled.inc()
+    logger.info(
+        "client disconnected; request cancelled",
+        extra={"request_id": scope.get("state", {}).get("request_id")},
+    )

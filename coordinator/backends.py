@@ -9,9 +9,10 @@ Every backend reads a worker's answer through :func:`read_answer`, the one table
 the error body) to an outcome:
 
 - 200 with a valid body: the answer;
-- 429, 500, 502, 503, 504, 401/403 (our token is wrong for that worker), an unreadable body: an
-  :class:`AttemptFailed` with a :class:`Failure` reason; the request did not run to an answer and
-  another replica may try;
+- 429, 500, 502, 503, 504, 401/403 (our token is wrong for that worker), 404 (the worker does not
+  hold the adapter the mapping assigns to it: out of step with the mapping, e.g. after a failed hot
+  load), an unreadable body: an :class:`AttemptFailed` with a :class:`Failure` reason; the request
+  did not run to an answer and another replica may try;
 - any other status: the client's answer, raised as :class:`~shared.errors.ForwardedError` with the
   worker's status, code, message and details.
 
@@ -61,12 +62,19 @@ class Failure(enum.StrEnum):
     HTTP_504 = "http_504"
     BAD_RESPONSE = "bad_response"  # a 200 whose body is not an answer
     WORKER_AUTH = "worker_auth"  # our worker token was refused: an operator's fault, not the client's
+    ADAPTER_MISSING = "adapter_missing"  # 404: the worker does not hold the adapter the mapping says it does
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"  # not an answer: the dispatcher stopped retrying
 
     @property
     def unreachable(self) -> bool:
         """The worker is not listening (mark it down at once)."""
         return self in (Failure.CONNECT_ERROR, Failure.CONNECT_TIMEOUT)
+
+    @property
+    def adapter_only(self) -> bool:
+        """The worker is fine but lacks this adapter: not counted against its health; the replica
+        is not asked for the adapter again until a probe reports it."""
+        return self is Failure.ADAPTER_MISSING
 
     @property
     def broken(self) -> bool:
@@ -82,6 +90,7 @@ _RETRYABLE_STATUS = {
     504: Failure.HTTP_504,
     401: Failure.WORKER_AUTH,
     403: Failure.WORKER_AUTH,
+    404: Failure.ADAPTER_MISSING,  # the coordinator checked the adapter; the worker lacks it
 }
 
 

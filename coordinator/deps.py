@@ -29,6 +29,12 @@ def require_api_key(request: Request) -> None:
     check_bearer(request, request.app.state.api_keys, "API key")
 
 
+def require_metrics_token(request: Request) -> None:
+    """``GET /metrics``: the metrics token (``MOLE_METRICS_TOKEN``) or an API key, when either is set."""
+    check_bearer(request, request.app.state.metrics_tokens, "metrics token")
+
+
 ServiceDep = Annotated[CoordinatorService, Depends(get_service)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 ApiKeyDep = Depends(require_api_key)
+MetricsDep = Depends(require_metrics_token)

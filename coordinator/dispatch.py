@@ -355,7 +355,10 @@ class Dispatcher:
             response = await replica.backend.infer(request, call)
             outcome = "ok"
         except AttemptFailed as exc:
-            self._failed(replica, exc.reason.value, down=exc.reason.unreachable)
+            if exc.reason.adapter_only:
+                replica.lacks(request.adapter)
+            else:
+                self._failed(replica, exc.reason.value, down=exc.reason.unreachable)
             raise
         except AttemptTimedOut:
             self._failed(replica, "timeout")
@@ -363,8 +366,8 @@ class Dispatcher:
         except ForwardedError as exc:
             if exc.status >= 500:
                 self._failed(replica, f"http_{exc.status}")
-            else:  # the worker is healthy; the request was bad
-                replica.consecutive_failures = 0
+            # a 4xx is the request's own fault (bad input, 422 unprocessable): the worker is as
+            # healthy as before, so its failure count is left as it was
             raise
         finally:
             self._metrics.dispatch_seconds.labels(replica.spec.id, outcome).observe(time.perf_counter() - t0)

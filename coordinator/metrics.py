@@ -110,6 +110,11 @@ class CoordinatorMetrics:
             ["worker"],
             registry=r,
         )
+        self.cancelled = Counter(
+            "mole_coordinator_cancelled_requests_total",
+            "Requests cancelled because the client disconnected before the answer",
+            registry=r,
+        )
         self.reloads = Counter(
             "mole_coordinator_mapping_reloads_total",
             "Mapping reload attempts, by result (ok, rejected)",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator.service import Classified, CoordinatorService, Sampling
 from shared.errors import InvalidInput
-from shared.schemas import MAX_NEW_TOKENS_LIMIT, ClassifyRequest
+from shared.schemas import MAX_NEW_TOKENS_LIMIT, SEED_MAX, SEED_MIN, ClassifyRequest
 
 AUTO_MODEL = "auto"  # the router picks the adapter
 
@@ -53,8 +53,8 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    n: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: int | None = Field(default=None, ge=1, le=128)
     stream: bool | None = None
 
 

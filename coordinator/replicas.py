@@ -84,6 +84,14 @@ class Replica:
         held = {a.name for a in self.reported}
         return [name for name in self.spec.adapters if name not in held]
 
+    def lacks(self, adapter: str) -> None:
+        """The worker answered 404 for ``adapter``: treat it as missing until a probe reports it."""
+        if self.reported is not None:
+            self.reported = [a for a in self.reported if a.name != adapter]
+        else:
+            self.reported = [AdapterInfo(name=n, sha256="") for n in self.spec.adapters if n != adapter]
+        self.last_error = f"adapter_missing:{adapter}"
+
     def holds(self, adapter: str) -> bool:
         return adapter in self.spec.adapters and adapter not in self.missing()
 

@@ -1,7 +1,9 @@
 """The coordinator's HTTP routes: validate, call the serving object, return.
 
-``public`` and ``admin`` require an API key (when keys are configured); ``ops`` (health, metrics,
-``/workers``) stays open for probes and dashboards.
+``public``, ``admin`` and ``internal`` (``/workers``: internal URLs, states, last errors) require an
+API key when keys are configured; ``/metrics`` requires the metrics token or an API key when either
+is configured; ``ops`` (health) stays open for probes. The OpenAPI schema and its pages are behind
+the API key too (``coordinator/app.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from coordinator.deps import ApiKeyDep, RequestIdDep, ServiceDep
+from coordinator.deps import ApiKeyDep, MetricsDep, RequestIdDep, ServiceDep
 from coordinator.openai_compat import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -38,6 +40,7 @@ public = APIRouter(
     dependencies=[ApiKeyDep], responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504)
 )
 admin = APIRouter(prefix="/admin", dependencies=[ApiKeyDep], responses=error_responses(400, 401))
+internal = APIRouter(dependencies=[ApiKeyDep], responses=error_responses(401))
 ops = APIRouter()
 
 
@@ -115,7 +118,7 @@ async def reload_mapping(service: ServiceDep) -> dict[str, Any]:
     return await service.reload("admin")
 
 
-@ops.get("/workers")
+@internal.get("/workers")
 async def workers(service: ServiceDep) -> dict[str, Any]:
     """Every worker with url, mode, adapters, state, ejection, last probe time and latency."""
     return {"workers": service.workers_view()}
@@ -133,6 +136,6 @@ async def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@ops.get("/metrics")
+@ops.get("/metrics", dependencies=[MetricsDep])
 async def metrics(service: ServiceDep) -> Response:
     return metrics_response(service.metrics_registry)

@@ -25,8 +25,8 @@ from coordinator.dispatch import Dispatcher
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.router import RouterModelProvider, decide
 from coordinator.stats import RequestStats
-from shared.errors import MoleError
-from shared.images import decode_image
+from shared.errors import MoleError, PayloadTooLarge
+from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
 from shared.mapping import WorkerSpec
 from shared.schemas import (
@@ -82,6 +82,7 @@ class CoordinatorService:
         self.metrics = metrics
         self.stats = RequestStats(metrics)
         self._client = client
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)  # decoded images held for routing
         self._prober: asyncio.Task[None] | None = None
         active.on_swap = dispatcher.update
 
@@ -195,12 +196,19 @@ class CoordinatorService:
         mapping = active.mapping
         check_text_limits(s, req.prompt, req.max_new_tokens)
         explicit = mapping.adapter_for(req.expert) if req.expert is not None else None
-        image = await asyncio.to_thread(
-            decode_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
-        )
         scores = None
         if explicit is None or mapping.router.shadow:
-            scores = await active.router.score(image, active.config, deadline=deadline)
+            pixels = await asyncio.to_thread(self._pixels_of, req)
+            with self.pixels.hold(pixels):  # the decoded image lives for the routing forward only
+                image = await asyncio.to_thread(
+                    decode_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+                )
+                try:
+                    scores = await active.router.score(image, active.config, deadline=deadline)
+                finally:
+                    del image
+        else:  # the worker decodes it; check it here so that a bad image fails before dispatch
+            await asyncio.to_thread(self._pixels_of, req)
         decision = decide(mapping, scores, explicit)
         route_ms = _ms(t0)
         self.stats.route(decision, shadow=mapping.router.shadow)
@@ -241,8 +249,44 @@ class CoordinatorService:
         self.stats.served(response)
         return Classified(response, active.router.version, answer.tokens_generated)
 
+    def _pixels_of(self, req: ClassifyRequest) -> int:
+        s = self.settings
+        return image_pixels(req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+
+    async def _check_request_pixels(self, req: ClassifyBatchRequest) -> None:
+        """413 when the batch's images together exceed ``max_request_pixels`` (headers only, before
+        any pixel is decoded); items whose image is bad are left to fail on their own."""
+        limit = self.settings.max_request_pixels
+
+        def total() -> int:
+            pixels = 0
+            for item in req.items:
+                try:
+                    pixels += self._pixels_of(item)
+                except MoleError:
+                    continue
+            return pixels
+
+        pixels = await asyncio.to_thread(total)
+        if pixels > limit:
+            raise PayloadTooLarge(
+                f"items: the batch's images have {pixels} pixels together, more than the limit of {limit} "
+                "pixels per request; send fewer or smaller images",
+                field="items",
+                pixels=pixels,
+                limit_pixels=limit,
+            )
+
     async def classify_batch(self, req: ClassifyBatchRequest, request_id: str) -> ClassifyBatchResponse:
-        """Every item concurrently; a failed item carries its error and does not fail the others."""
+        """Every item concurrently; a failed item carries its error and does not fail the others.
+
+        The whole batch is refused (413) when its images exceed the per-request pixel budget.
+        """
+        try:
+            await self._check_request_pixels(req)
+        except MoleError as exc:
+            self.stats.failed(exc.code, exc.status, request_id, 0.0)
+            raise
         items = await asyncio.gather(
             *(self._batch_item(item, f"{request_id}-{i}") for i, item in enumerate(req.items))
         )

@@ -13,6 +13,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 logger = logging.getLogger("mole")
 
@@ -170,19 +174,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # ---- services -------------------------------------------------------------------------------
-def _serve(app: object, host: str, port: int, drain_timeout_s: float) -> int:
-    import uvicorn
+def _serve(app: object, settings: Settings, host: str, port: int) -> int:
+    from shared.server import serve
 
-    # uvicorn stops accepting on SIGTERM/SIGINT and waits for in-flight requests up to the drain
-    # timeout before running the app's shutdown (which drains the batcher).
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(drain_timeout_s),
-    )
+    serve(app, settings, host, port)
     return 0
 
 
@@ -199,7 +194,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"mole worker: {args.config}: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, mapping, args.worker_id)
-    return _serve(app, args.host or spec.host, args.port or spec.port, settings.drain_timeout_s)
+    return _serve(app, settings, args.host or spec.host, args.port or spec.port)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -221,7 +216,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         app = create_app(settings, Path(args.config))
     host = args.host or mapping.coordinator.host
     port = args.port or mapping.coordinator.port
-    return _serve(app, host, port, settings.drain_timeout_s)
+    return _serve(app, settings, host, port)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ class BatchSettings:
     max_queue: int = 64  # items waiting (not running) before submit answers Overloaded
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queue removal must not compare items (images)
 class _Pending(Generic[T]):
     item: T
     key: Hashable
@@ -119,7 +119,13 @@ class MicroBatcher(Generic[T, R]):
                 )
             self._queue.append(pending)
             self._cond.notify()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # the caller went away: a queued item never runs
+            with self._cond:
+                if pending in self._queue:
+                    self._queue.remove(pending)
+            raise
 
     def _retry_after(self) -> float:
         batches_ahead = len(self._queue) / max(1, self.settings.max_batch_size) + 1
@@ -160,18 +166,22 @@ class MicroBatcher(Generic[T, R]):
             if batch is None:
                 return
             try:
-                now = time.monotonic()
-                live = []
-                for p in batch:
-                    if p.deadline is not None and now > p.deadline:
-                        self._resolve(p, exc=WorkerTimeout("deadline passed while queued"))
-                    else:
-                        live.append(p)
-                if live:
-                    self._run(live)
+                self._serve(batch)
             finally:
+                del batch  # items (decoded images) must not outlive their batch while the queue is idle
                 with self._cond:
                     self._running = 0
+
+    def _serve(self, batch: list[_Pending[T]]) -> None:
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.deadline is not None and now > p.deadline:
+                self._resolve(p, exc=WorkerTimeout("deadline passed while queued"))
+            else:
+                live.append(p)
+        if live:
+            self._run(live)
 
     def _run(self, batch: list[_Pending[T]]) -> None:
         t0 = time.perf_counter()

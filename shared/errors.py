@@ -50,6 +50,14 @@ class InvalidInput(MoleError):
     code = "invalid_input"
 
 
+class UnprocessableRequest(MoleError):
+    """The model failed on this request while it still serves a known-good one: the request's own
+    content is the cause (a client error; never counted against the worker's health)."""
+
+    status = 422
+    code = "unprocessable_request"
+
+
 class PayloadTooLarge(MoleError):
     """A body, image or prompt exceeds a configured size limit."""
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
+import threading
 import warnings
+from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from shared.errors import InvalidInput, PayloadTooLarge
+from shared.errors import InvalidInput, Overloaded, PayloadTooLarge
 
 FIELD = "image_b64"
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may identify; nothing else is opened
@@ -85,13 +88,8 @@ def _bomb(max_pixels: int) -> PayloadTooLarge:
     )
 
 
-def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode an untrusted base64 image into a loaded RGB ``PIL.Image``.
-
-    Raises ``InvalidInput`` (not base64, not an allowed image, a non-data URL) or ``PayloadTooLarge``
-    (encoded length, decoded bytes, or width*height over the limits); every message names
-    ``image_b64`` and, for limits, the limit. Never fetches anything.
-    """
+def _raw_bytes(image_b64: str, max_bytes: int) -> bytes:
+    """The decoded bytes of ``image_b64`` (encoded length and decoded size checked)."""
     payload = _payload(image_b64)
     max_encoded = (max_bytes + 2) // 3 * 4
     # Newline-wrapped base64 (76 columns) adds ~1/38 in line breaks, hence the proportional slack.
@@ -107,7 +105,12 @@ def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Im
         raise InvalidInput(f"{FIELD} is not valid base64", field=FIELD) from None
     if len(raw) > max_bytes:
         raise _too_large_bytes(max_bytes)
+    return raw
 
+
+@contextlib.contextmanager
+def _opened(raw: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image in ``raw``, opened (header read, no pixels decoded) and size-checked."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -130,13 +133,71 @@ def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Im
                     pixels=width * height,
                     limit_pixels=max_pixels,
                 )
-            try:
-                img.load()
-                return _to_rgb(img)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise _bomb(max_pixels) from None
-            except (OSError, SyntaxError, ValueError, EOFError):
-                raise _not_an_image() from None
+            yield img
+
+
+def image_pixels(image_b64: str, *, max_bytes: int, max_pixels: int) -> int:
+    """Width × height of an untrusted base64 image, read from its header without decoding pixels.
+
+    Raises what :func:`decode_image` raises for the encoding, the format and the limits.
+    """
+    with _opened(_raw_bytes(image_b64, max_bytes), max_pixels) as img:
+        width, height = img.size
+        return int(width * height)
+
+
+def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode an untrusted base64 image into a loaded RGB ``PIL.Image``.
+
+    Raises ``InvalidInput`` (not base64, not an allowed image, a non-data URL) or ``PayloadTooLarge``
+    (encoded length, decoded bytes, or width*height over the limits); every message names
+    ``image_b64`` and, for limits, the limit. Never fetches anything.
+    """
+    with _opened(_raw_bytes(image_b64, max_bytes), max_pixels) as img:  # bomb warnings are errors here
+        try:
+            img.load()
+            return _to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _bomb(max_pixels) from None
+        except (OSError, SyntaxError, ValueError, EOFError):
+            raise _not_an_image() from None
+
+
+class PixelBudget:
+    """Decoded pixels one server holds at once, across every request (thread-safe).
+
+    :meth:`hold` takes a request's pixels for a block and gives them back after it; a request that
+    would take the server past ``capacity`` is refused at once with ``Overloaded`` (429) rather than
+    queued, one larger than ``capacity`` with ``PayloadTooLarge`` (413).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        if pixels > self.capacity:
+            raise PayloadTooLarge(
+                f"{FIELD}: {pixels} decoded pixels exceed the server's limit of {self.capacity}",
+                field=FIELD,
+                pixels=pixels,
+                limit_pixels=self.capacity,
+            )
+        with self._lock:
+            if self.in_use + pixels > self.capacity:
+                raise Overloaded(
+                    f"the server already holds {self.in_use} decoded pixels of {self.capacity}; retry later",
+                    retry_after=1.0,
+                    limit_pixels=self.capacity,
+                )
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= pixels
 
 
 def encode_image_b64(img: Image.Image, fmt: str = "PNG") -> str:

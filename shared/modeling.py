@@ -17,7 +17,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,8 +225,45 @@ def build_messages(prompt: str, system_prompt: str | None = None, answer: str | 
     return messages
 
 
+NEUTRALISER = "\u200b"  # zero-width space put after the first character of a special token in client text
+
+
+def _special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching every special token string of ``tokenizer`` (longest first), cached on it."""
+    if hasattr(tokenizer, "_mole_special_pattern"):
+        cached: re.Pattern[str] | None = tokenizer._mole_special_pattern
+        return cached
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    tokens = {t for t in tokens if isinstance(t, str) and len(t) > 1}
+    pattern = (
+        re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))) if tokens else None
+    )
+    try:
+        tokenizer._mole_special_pattern = pattern
+    except AttributeError:  # a tokenizer that refuses attributes: recompute next time
+        pass
+    return pattern
+
+
+def neutralise_special_tokens(tokenizer: Any, text: str) -> str:
+    """``text`` with every special token string (``<|im_end|>``, ``<|image_pad|>``...) broken by a
+    zero-width space after its first character, so the tokenizer reads it as plain text: client text
+    can neither forge chat turns nor add image placeholders."""
+    pattern = _special_token_pattern(tokenizer)
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: m.group(0)[0] + NEUTRALISER + m.group(0)[1:], text)
+
+
 def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None) -> str:
-    """The chat-templated text of a user turn, ending where the assistant's answer starts."""
+    """The chat-templated text of a user turn, ending where the assistant's answer starts.
+
+    ``prompt`` is client text: its special tokens are neutralised (:func:`neutralise_special_tokens`);
+    ``system_prompt`` comes from the mapping and is used as written.
+    """
+    prompt = neutralise_special_tokens(processor.tokenizer, prompt)
     return processor.apply_chat_template(
         build_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=False
     )
@@ -327,6 +365,7 @@ def generate(
     row_max_new_tokens: Sequence[int] | None = None,
     max_pixels: int | None = None,
     min_pixels: int | None = None,
+    row_cancelled: Sequence[Callable[[], bool]] | None = None,
 ) -> list[Generated]:
     """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
 
@@ -334,7 +373,8 @@ def generate(
     ``"__base__"`` use the base model. ``row_max_new_tokens`` cuts each row at its own limit
     (the batch runs to ``params.max_new_tokens``), so under greedy decoding a row's output is the
     one it would get alone with its own limit. ``max_pixels`` / ``min_pixels``: the image budget
-    (see :func:`image_size`).
+    (see :func:`image_size`). ``row_cancelled`` (one check per row) stops a row whose caller has
+    gone: it is finished at the next token, and the generation ends when every row is finished.
     """
     import torch
 
@@ -351,6 +391,8 @@ def generate(
             torch.manual_seed(seed)
     if adapter_names is not None:
         kwargs["adapter_names"] = list(adapter_names)
+    if row_cancelled is not None:
+        kwargs["stopping_criteria"] = _cancelled_rows(row_cancelled)
     tokenizer = processor.tokenizer
     with torch.inference_mode():
         out = model.generate(**batch, **kwargs, pad_token_id=tokenizer.pad_token_id)
@@ -370,6 +412,18 @@ def generate(
         text = tokenizer.decode(row[:count], skip_special_tokens=True)
         results.append(Generated(text.strip(), count, int(n_prompt), int(n_image)))
     return results
+
+
+def _cancelled_rows(checks: Sequence[Callable[[], bool]]) -> Any:
+    """A stopping criterion that finishes the rows whose check says their caller has gone."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CancelledRows(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.tensor([check() for check in checks], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CancelledRows()])
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -6,7 +6,7 @@ are the hard wire limits; services apply their own smaller caps from settings on
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,6 +16,8 @@ MAX_PROMPT_CHARS = 4096  # wire limit on prompt length; settings.max_prompt_char
 MAX_IMAGE_B64_CHARS = 20_000_000  # wire limit on the encoded image; decoded bytes are capped by settings
 MAX_NEW_TOKENS_LIMIT = 4096  # wire limit; workers clamp to settings.max_new_tokens_cap
 MAX_BATCH_ITEMS = 64  # items in one POST /classify/batch
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a sampling seed is a signed 64-bit integer (as OpenAI's)
+MAX_LABEL_INDEX = 1_000_000  # an integer ``expert`` is a router label; no mapping has more
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # safe as a folder name and a metric label
 
 # Wire headers, defined once for both sides of every hop.
@@ -39,7 +41,7 @@ class InferRequest(_Strict):
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=5)  # None or 0 means greedy
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
 
 class InferResponse(_Strict):
@@ -109,7 +111,9 @@ class ClassifyRequest(_Strict):
 
     image_b64: str = Field(max_length=MAX_IMAGE_B64_CHARS)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    expert: str | int | None = None
+    expert: Annotated[str, Field(max_length=128)] | Annotated[int, Field(ge=0, le=MAX_LABEL_INDEX)] | None = (
+        None
+    )
     prefer_merged: bool | None = None  # None: the mapping's routing.prefer_merged
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
 
@@ -178,7 +182,7 @@ class InferWebRequest(_Strict):
 
     image_b64: str = Field(max_length=MAX_IMAGE_B64_CHARS)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    expert: int | None = None
+    expert: int | None = Field(default=None, ge=0, le=MAX_LABEL_INDEX)
 
 
 class InferWebResponse(_Strict):

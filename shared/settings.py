@@ -27,6 +27,18 @@ def _read_secret_file(path: Path, what: str) -> str:
         raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _token(value: SecretStr | None, file: Path | None, name: str) -> SecretStr | None:
+    """A token given as ``MOLE_<NAME>`` or read from ``MOLE_<NAME>_FILE`` (not both; not empty)."""
+    if file is None:
+        return value
+    if value is not None:
+        raise ValueError(f"set MOLE_{name.upper()} or MOLE_{name.upper()}_FILE, not both")
+    token = _read_secret_file(file, f"{name}_file")
+    if not token:
+        raise ValueError(f"{name}_file: {file} is empty")
+    return SecretStr(token)
+
+
 def _split_keys(text: str) -> list[str]:
     """Keys from ``a,b``, one per line, or a JSON list; blanks and ``#`` comment lines dropped."""
     text = text.strip()
@@ -60,6 +72,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None  # file with more API keys, one per line or comma-separated
     worker_token: SecretStr | None = None  # shared secret workers require from the coordinator
     worker_token_file: Path | None = None  # file holding the worker token (docker/Modal secrets)
+    metrics_token: SecretStr | None = None  # bearer token for GET /metrics (Prometheus); see metrics_tokens()
+    metrics_token_file: Path | None = None  # file holding the metrics token
     # model placement
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
@@ -71,6 +85,16 @@ class Settings(BaseSettings):
     max_new_tokens_cap: int = Field(default=256, ge=1)  # hard cap on generated tokens per request
     default_max_new_tokens: int = Field(default=48, ge=1)  # when neither request nor adapter sets it
     max_body_bytes: int = Field(default=12_000_000, ge=1)  # HTTP request body size
+    max_request_pixels: int = Field(
+        default=64_000_000, ge=1
+    )  # decoded pixels of one request (all its images)
+    max_pixels_in_flight: int = Field(default=128_000_000, ge=1)  # decoded pixels held at once; more: 429
+    # HTTP server (every server mole starts; see shared/server.py)
+    max_header_bytes: int = Field(default=65536, ge=1024)  # request line + headers of one request; more: 431
+    max_headers: int = Field(default=100, ge=8)  # header fields of one request; more: 431
+    header_timeout_s: float = Field(default=10.0, gt=0)  # headers must arrive within this of the first byte
+    body_timeout_s: float = Field(default=60.0, gt=0)  # a body must arrive within this of its headers
+    max_connections: int = Field(default=1024, ge=1)  # open connections per server; more are closed
     # batching and admission
     max_batch_size: int = Field(default=8, ge=1)  # requests per forward on a worker
     max_wait_ms: float = Field(default=5.0, ge=0)  # batch fill-up wait, only while requests overlap
@@ -114,13 +138,13 @@ class Settings(BaseSettings):
     def _load_files_and_check(self) -> Settings:
         if self.api_keys_file is not None:
             self._file_keys = frozenset(_split_keys(_read_secret_file(self.api_keys_file, "api_keys_file")))
-        if self.worker_token_file is not None:
-            if self.worker_token is not None:
-                raise ValueError("set MOLE_WORKER_TOKEN or MOLE_WORKER_TOKEN_FILE, not both")
-            token = _read_secret_file(self.worker_token_file, "worker_token_file")
-            if not token:
-                raise ValueError(f"worker_token_file: {self.worker_token_file} is empty")
-            self.worker_token = SecretStr(token)
+        self.worker_token = _token(self.worker_token, self.worker_token_file, "worker_token")
+        self.metrics_token = _token(self.metrics_token, self.metrics_token_file, "metrics_token")
+        if not self.max_image_pixels <= self.max_request_pixels <= self.max_pixels_in_flight:
+            raise ValueError(
+                f"pixel limits must satisfy max_image_pixels ({self.max_image_pixels}) <= max_request_pixels "
+                f"({self.max_request_pixels}) <= max_pixels_in_flight ({self.max_pixels_in_flight})"
+            )
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
@@ -149,6 +173,17 @@ class Settings(BaseSettings):
     def api_key_set(self) -> frozenset[str]:
         """All accepted API keys (``api_keys`` plus ``api_keys_file``); empty means auth is off."""
         return frozenset(self.api_keys) | self._file_keys
+
+    def metrics_tokens(self, service_credentials: frozenset[str]) -> frozenset[str]:
+        """Bearer tokens ``GET /metrics`` accepts: the metrics token, plus the service's own
+        credentials (API keys, worker token) when ``service_credentials`` is not empty. Empty (open)
+        only when neither a metrics token nor service credentials are configured."""
+        own = (
+            frozenset([self.metrics_token.get_secret_value()])
+            if self.metrics_token is not None
+            else frozenset()
+        )
+        return own | service_credentials
 
     def worker_token_value(self) -> str | None:
         """The plain worker token, or None when workers run without one."""

@@ -55,15 +55,17 @@ def coordinator_process(
 class ThreadServer:
     """A uvicorn server on a background thread (in-process coordinator, fake workers)."""
 
-    def __init__(self, app: Any, port: int):
+    def __init__(self, app: Any, port: int, settings: Any = None):
         import threading
 
         import uvicorn
 
+        from shared.server import server_config
+        from shared.settings import Settings
+
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=1
-        )
+        # mole's own server configuration (guarded protocol), as ``mole coordinator`` runs it
+        config = server_config(app, settings or Settings(), "127.0.0.1", port, timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

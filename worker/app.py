@@ -9,9 +9,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shared.errors import install_error_handlers
-from shared.http import BodyLimitMiddleware, RequestIdMiddleware, RequireJsonMiddleware
+from shared.http import (
+    BodyLimitMiddleware,
+    CancelOnDisconnectMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+    RequireJsonMiddleware,
+    install_docs,
+)
 from shared.mapping import MoleMapping
 from shared.settings import Settings, resolve_device_dtype
+from worker.deps import WorkerAuth
 from worker.routes import router
 from worker.service import WorkerService
 
@@ -48,11 +56,24 @@ def create_app(
             service.drain()
             logger.info("worker %s stopped", worker_id)
 
-    app = FastAPI(title=f"mole worker {spec.id}", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title=f"mole worker {spec.id}",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,  # served by install_docs, behind the worker token
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    install_docs(app, WorkerAuth)
     app.add_middleware(RequireJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_headers=settings.max_headers
+    )
+    # a worker's service counts its own cancellations (mole_worker_cancelled_requests)
+    app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -20,5 +20,14 @@ def require_worker_token(request: Request) -> None:
     check_bearer(request, frozenset([token]) if token else frozenset(), "worker token")
 
 
+def require_metrics_token(request: Request) -> None:
+    """``GET /metrics``: the metrics token (``MOLE_METRICS_TOKEN``) or the worker token, when either is set."""
+    settings = request.app.state.settings
+    token = settings.worker_token_value()
+    accepted = settings.metrics_tokens(frozenset([token]) if token else frozenset())
+    check_bearer(request, accepted, "metrics token")
+
+
 Service = Annotated[WorkerService, Depends(get_service)]
 WorkerAuth = Depends(require_worker_token)
+MetricsAuth = Depends(require_metrics_token)

@@ -18,11 +18,11 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError
+from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError, UnprocessableRequest
 from shared.mapping import MoleMapping, WorkerSpec
 from shared.modeling import (
     METADATA_FILE,
@@ -46,6 +46,7 @@ class Row:
     adapter: str
     params: GenerationParams
     seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)  # caller gone
 
     @property
     def batch_key(self) -> tuple:
@@ -69,6 +70,9 @@ class ModelHolder(ABC):
         self.processor: Any = None
         self._lock = threading.Lock()
         self._hashes: dict[str, str] = {}
+        self.canary: Row | None = (
+            None  # a known-good row (set after warm-up): tells bad requests from a broken model
+        )
 
     @property
     def model_path(self) -> Path:
@@ -92,7 +96,12 @@ class ModelHolder(ABC):
         return dict(self._hashes)
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
-        """Run one batch (rows share a batch key). Raises ``AdapterNotFound`` for unknown adapters."""
+        """Run one batch (rows share a batch key). Raises ``AdapterNotFound`` for unknown adapters.
+
+        A model failure on a single row is the request's fault when the canary row still generates
+        (``UnprocessableRequest``, 422), the worker's when it does not (``GenerationFailed``, 500);
+        a failed batch of several rows is ``GenerationFailed`` (the batcher retries each row alone).
+        """
         for row in rows:
             if row.adapter not in self._hashes:
                 raise AdapterNotFound(f"adapter {row.adapter!r} is not loaded", adapters=sorted(self._hashes))
@@ -102,7 +111,23 @@ class ModelHolder(ABC):
             except MoleError:
                 raise
             except Exception as exc:  # a model failure: this batch's requests fail, the worker lives on
+                if len(rows) == 1 and self._canary_generates():
+                    raise UnprocessableRequest(
+                        f"the model could not process this request ({exc.__class__.__name__}); "
+                        "it serves other requests normally"
+                    ) from exc
                 raise GenerationFailed(f"generation failed: {exc.__class__.__name__}") from exc
+
+    def _canary_generates(self) -> bool:
+        """Whether the known-good row still generates (called with the lock held)."""
+        if self.canary is None:
+            return False
+        try:
+            self._generate([self.canary])
+        except Exception:
+            logger.exception("the canary row failed too: the model is broken")
+            return False
+        return True
 
     def add_adapter(self, name: str, path: Path) -> str:
         raise InvalidInput(f"a {self.mode} worker cannot load adapters; only dynamic workers can")
@@ -128,6 +153,7 @@ class ModelHolder(ABC):
             row_max_new_tokens=[r.params.max_new_tokens for r in rows],
             max_pixels=self.spec.max_pixels,
             min_pixels=self.spec.min_pixels,
+            row_cancelled=[r.cancelled.is_set for r in rows],
         )
 
 
@@ -147,9 +173,20 @@ class MergedHolder(ModelHolder):
 
 
 class DynamicHolder(ModelHolder):
-    """One base model with many PEFT adapters, mixed per row."""
+    """One base model with many PEFT adapters, mixed per row.
+
+    Adapters are served under their names and held in PEFT under internal names
+    (``_peft_names``): a hot load goes into the model under a fresh internal name and replaces the
+    served one only once it loaded, so a failed load leaves the old adapter serving and no trace in
+    the model.
+    """
 
     mode = "dynamic"
+
+    def __init__(self, spec: WorkerSpec, mapping: MoleMapping, *, device: str, dtype: str):
+        super().__init__(spec, mapping, device=device, dtype=dtype)
+        self._peft_names: dict[str, str] = {}  # served name -> adapter name inside the PEFT model
+        self._loads = 0  # hot loads so far (internal names are unique)
 
     def adapter_paths(self) -> dict[str, Path]:
         """The adapters to load at start-up: the mapping's, then any discovered on the volume."""
@@ -167,26 +204,47 @@ class DynamicHolder(ModelHolder):
         first_name, first_path = items[0]
         self.model = PeftModel.from_pretrained(base, str(first_path), adapter_name=first_name)
         self._hashes[first_name] = weights_hash(first_path)
+        self._peft_names[first_name] = first_name
         for name, path in items[1:]:
             self.model.load_adapter(str(path), adapter_name=name)
             self._hashes[name] = weights_hash(path)
+            self._peft_names[name] = name
         self.model.eval()
         logger.info("dynamic worker loaded %d adapters: %s", len(items), ", ".join(paths))
 
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
-        return self._run(rows, [r.adapter for r in rows])
+        return self._run(rows, [self._peft_names[r.adapter] for r in rows])
 
     def add_adapter(self, name: str, path: Path) -> str:
-        """Load (or replace) adapter ``name`` from ``path``; in-flight batches finish first."""
-        if not (path / "adapter_config.json").is_file():
-            raise InvalidInput(f"path: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        """Load (or replace) adapter ``name`` from ``path``; in-flight batches finish first.
+
+        ``InvalidInput`` naming the problem when ``path`` is not a LoRA adapter this model can load;
+        the adapter served under ``name`` before (if any) then keeps serving, unchanged.
+        """
+        check_adapter_folder(path)
         digest = weights_hash(path)
         with self._lock:
-            if name in self._hashes:
-                self._delete(name)
-            self.model.load_adapter(str(path), adapter_name=name)
+            self._loads += 1
+            staging = f"mole_hot_{self._loads}"
+            try:
+                self.model.load_adapter(str(path), adapter_name=staging)
+            except MemoryError:
+                self._discard(staging)
+                raise
+            except Exception as exc:  # the files were read but do not fit this model
+                self._discard(staging)
+                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                raise InvalidInput(
+                    f"path: {path} could not be loaded as a LoRA adapter of this model: "
+                    f"{exc.__class__.__name__}: {detail}",
+                    field="path",
+                ) from None
             self.model.eval()
+            replaced = self._peft_names.get(name)
+            self._peft_names[name] = staging
             self._hashes[name] = digest
+            if replaced is not None:
+                self._discard(replaced)
         logger.info("loaded adapter %s (%s)", name, digest[:12])
         return digest
 
@@ -196,7 +254,8 @@ class DynamicHolder(ModelHolder):
                 raise AdapterNotFound(f"adapter {name!r} is not loaded", adapters=sorted(self._hashes))
             if len(self._hashes) == 1:
                 raise InvalidInput(f"adapter {name!r} is the last one on this worker; load another first")
-            self._delete(name)
+            del self._hashes[name]
+            self._discard(self._peft_names.pop(name))
         logger.info("unloaded adapter %s", name)
 
     def add_hidden_adapter(self, name: str, path: Path) -> None:
@@ -213,18 +272,48 @@ class DynamicHolder(ModelHolder):
     def remove_hidden_adapter(self, name: str) -> None:
         """Unload an adapter loaded by :meth:`add_hidden_adapter` (after the running batch)."""
         with self._lock:
-            if name in self._hashes or name not in self.model.peft_config:
+            if name in self._peft_names.values() or name not in self.model.peft_config:
                 raise ValueError(f"{name!r} is not a hidden adapter of this worker")
             self.model.delete_adapter(name)
         logger.info("unloaded hidden adapter %s", name)
 
-    def _delete(self, name: str) -> None:
-        if self.model.active_adapter == name:
-            other = next(n for n in self._hashes if n != name) if len(self._hashes) > 1 else None
+    def _discard(self, peft_name: str) -> None:
+        """Remove ``peft_name`` from the model, however far its load got (called with the lock held)."""
+        if peft_name not in self.model.peft_config:
+            return
+        if self.model.active_adapter == peft_name:
+            other = next((n for n in self._peft_names.values() if n != peft_name), None)
             if other is not None:
                 self.model.set_adapter(other)
-        self.model.delete_adapter(name)
-        del self._hashes[name]
+        self.model.delete_adapter(peft_name)
+
+
+def check_adapter_folder(path: Path) -> dict[str, Any]:
+    """The adapter config of a LoRA adapter folder; ``InvalidInput`` naming what is wrong otherwise
+    (no folder or config, config not a JSON object, not a LoRA, no weights file)."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise InvalidInput(
+            f"path: {path} is not a PEFT adapter folder (no adapter_config.json)", field="path"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInput(f"path: {config_file} is not valid JSON: {exc}", field="path") from None
+    if not isinstance(config, dict):
+        raise InvalidInput(f"path: {config_file} is not a JSON object", field="path")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InvalidInput(
+            f"path: {path} is a {peft_type or 'untyped'} adapter; dynamic workers load LoRA adapters only",
+            field="path",
+        )
+    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise InvalidInput(
+            f"path: {path} has no adapter weights (adapter_model.safetensors or adapter_model.bin)",
+            field="path",
+        )
+    return config
 
 
 def _checkpoint_hash(path: Path) -> str:

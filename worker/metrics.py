@@ -64,6 +64,11 @@ class WorkerMetrics:
             registry=r,
         )
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
+        self.cancelled = Counter(
+            "mole_worker_cancelled_requests",
+            "Requests dropped because their caller disconnected (queued rows removed, running rows stopped)",
+            registry=r,
+        )
         self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
 
     def observe_gpu(self, device: str) -> None:

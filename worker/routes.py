@@ -1,4 +1,8 @@
-"""Worker HTTP routes: validate, call the service, return (the HTTP contract: README "HTTP API")."""
+"""Worker HTTP routes: validate, call the service, return (the HTTP contract: README "HTTP API").
+
+With ``MOLE_WORKER_TOKEN`` set every route but health needs it (``/info`` names model paths);
+``/metrics`` takes the metrics token too. Health stays open for probes.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from shared.schemas import (
     WorkerInfo,
     WorkerReady,
 )
-from worker.deps import Service, WorkerAuth
+from worker.deps import MetricsAuth, Service, WorkerAuth
 
 router = APIRouter()
 
@@ -53,12 +57,12 @@ async def ready(service: Service) -> Response:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-@router.get("/info", response_model=WorkerInfo)
+@router.get("/info", response_model=WorkerInfo, dependencies=[WorkerAuth])
 async def info(service: Service) -> WorkerInfo:
     return service.info()
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[MetricsAuth])
 async def metrics(service: Service) -> Response:
     service.metrics.queue_depth.set(service.batcher.queue_depth)
     service.metrics.observe_gpu(service.holder.device)

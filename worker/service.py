@@ -22,7 +22,7 @@ from PIL import Image
 
 from shared.batching import BatchSettings, MicroBatcher
 from shared.errors import AdapterNotFound, NotReady
-from shared.images import decode_image
+from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
 from shared.modeling import Generated, GenerationParams, max_visual_tokens, memory_in_use, render_prompt
@@ -68,6 +68,7 @@ class WorkerService:
             on_batch=self.metrics.observe_batch,
         )
         self._adapter_locks: dict[str, asyncio.Lock] = {}
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)  # decoded pixels held by queued/running rows
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
@@ -112,6 +113,7 @@ class WorkerService:
         text = render_prompt(self.holder.processor, "warm up")
         rows = [Row(image, text, name, GenerationParams(max_new_tokens=2)) for name in self.holder.adapters()]
         self.holder.generate(rows)
+        self.holder.canary = Row(image, text, rows[0].adapter, GenerationParams(max_new_tokens=1))
 
     def drain(self) -> None:
         """Stop admitting; finish queued and running work within the drain timeout."""
@@ -150,18 +152,36 @@ class WorkerService:
         return Row(image, text, req.adapter, params, req.seed)
 
     async def infer(self, req: InferRequest, *, deadline: float | None = None) -> InferResponse:
-        """Serve one request; raises typed errors (bad input, unknown adapter, overload, timeout)."""
+        """Serve one request; raises typed errors (bad input, unknown adapter, overload, timeout).
+
+        The decoded image's pixels are held in :attr:`pixels` from decoding until the row's batch
+        is done (429 when the worker already holds its budget). Cancelled (the client went away),
+        the row is dropped from the queue or, running, finished at its next token.
+        """
         self.require_ready()
         t0 = time.perf_counter()
         status = "error"
+        row: Row | None = None
         try:
             params = self._validate(req)
-            row = await asyncio.to_thread(self._prepare, req, params)
-            t1 = time.perf_counter()
-            self.metrics.queue_depth.set(self.batcher.queue_depth)
-            result = await self.batcher.submit(row, deadline=deadline)
+            s = self.settings
+            pixels = await asyncio.to_thread(
+                image_pixels, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+            )
+            with self.pixels.hold(pixels):
+                row = await asyncio.to_thread(self._prepare, req, params)
+                t1 = time.perf_counter()
+                self.metrics.queue_depth.set(self.batcher.queue_depth)
+                result = await self.batcher.submit(row, deadline=deadline)
+                row = None  # the decoded image is not needed any more
             t2 = time.perf_counter()
             status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            if row is not None:
+                row.cancelled.set()
+            self.metrics.cancelled.inc()
+            raise
         except Exception as exc:
             status = getattr(exc, "code", "error")
             raise

@@ -132,7 +132,7 @@ def stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def _all_up(url: str) -> bool:
-    workers = httpx.get(f"{url}/workers").json()["workers"]
+    workers = httpx.get(f"{url}/workers", headers=AUTH).json()["workers"]
     return all(w["state"] == "up" for w in workers if w["id"] in DEMO_WORKERS)
 
 
@@ -141,7 +141,7 @@ def _sample_body(sample: synthetic.Sample, **extra: Any) -> dict[str, Any]:
 
 
 def _workers(client: httpx.Client) -> dict[str, dict[str, Any]]:
-    return {w["id"]: w for w in client.get("/workers").json()["workers"]}
+    return {w["id"]: w for w in client.get("/workers", headers=AUTH).json()["workers"]}
 
 
 # ---- routing ------------------------------------------------------------------------------------
@@ -213,8 +213,11 @@ def test_wrong_or_missing_api_key_is_401_and_probes_stay_open(stack: Stack) -> N
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
         assert client.get("/v1/models").status_code == 401
         assert client.post("/admin/reload").status_code == 401
-        for path in ("/health/live", "/health/ready", "/metrics", "/workers"):
+        for path in ("/health/live", "/health/ready"):
             assert client.get(path).status_code == 200, path
+        for path in ("/metrics", "/workers", "/openapi.json", "/docs"):  # keyed once keys are set
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers=AUTH).status_code == 200, path
 
 
 def test_unknown_expert_is_404(stack: Stack) -> None:

@@ -17,7 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.backends import AttemptFailed, AttemptTimedOut, CallContext, HttpBackend, Probe, read_error
+from coordinator.backends import (
+    AttemptFailed,
+    AttemptTimedOut,
+    CallContext,
+    Failure,
+    HttpBackend,
+    Probe,
+    read_answer,
+    read_error,
+)
 from coordinator.dispatch import Dispatcher
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_compat import ChatCompletionRequest, to_classify
@@ -312,11 +321,11 @@ def test_least_in_flight_ready_replica_is_chosen(tmp_path: Path) -> None:
 
 
 def test_worker_4xx_is_passed_through_without_retry(tmp_path: Path) -> None:
-    rejected = ForwardedError("merged-a", 404, "adapter_not_found", "no")
+    rejected = ForwardedError("merged-a", 400, "invalid_input", "no")
     d, backends = make_dispatcher(make_mapping(tmp_path), {"merged-a": [rejected]})
     with pytest.raises(ForwardedError) as err:
         run(d)
-    assert err.value.status == 404 and err.value.code == "adapter_not_found"
+    assert err.value.status == 400 and err.value.code == "invalid_input"
     assert backends["merged-b"].calls == 0 and backends["dynamic-0"].calls == 0
 
 
@@ -411,7 +420,8 @@ def test_http_backend_sends_token_deadline_request_id_and_image_as_received() ->
         (503, AttemptFailed),
         (502, AttemptFailed),
         (429, AttemptFailed),
-        (404, ForwardedError),
+        (404, AttemptFailed),  # the worker lacks an adapter the mapping assigns to it: another holder tries
+        (422, ForwardedError),  # the request's own fault (e.g. unprocessable content)
         (500, AttemptFailed),  # a broken worker: retried elsewhere, 502 when all are broken
     ],
 )
@@ -458,18 +468,31 @@ def test_in_process_errors_read_like_http_answers(error: MoleError, reason: str)
 
 
 def test_a_workers_client_error_is_forwarded_with_its_code_and_details() -> None:
-    error = AdapterNotFound("adapter 'x' is not held by worker w", adapters=["login"])
+    error = InvalidInput("image_b64: the model's image processor rejected the image", field="image_b64")
     with pytest.raises(ForwardedError) as in_process:
+        read_error("w", error)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json=error.to_body())
+
+    with pytest.raises(ForwardedError) as over_http:
+        call(handler)
+    for err in (in_process.value, over_http.value):
+        assert (err.status, err.code, err.worker_id) == (400, "invalid_input", "w")
+        assert err.to_body() == error.to_body()
+
+
+def test_a_workers_404_reads_the_same_in_process_and_over_http() -> None:
+    error = AdapterNotFound("adapter 'x' is not held by worker w", adapters=["login"])
+    with pytest.raises(AttemptFailed) as in_process:
         read_error("w", error)
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json=error.to_body())
 
-    with pytest.raises(ForwardedError) as over_http:
+    with pytest.raises(AttemptFailed) as over_http:
         call(handler)
-    for err in (in_process.value, over_http.value):
-        assert (err.status, err.code, err.worker_id) == (404, "adapter_not_found", "w")
-        assert err.to_body() == error.to_body()
+    assert in_process.value.reason == over_http.value.reason == "adapter_missing"
 
 
 def test_http_backend_reports_a_failed_load_with_its_error() -> None:
@@ -583,3 +606,24 @@ def test_retry_budget_comes_from_the_dispatch_policy(tmp_path: Path) -> None:
         run(d)
     assert [t["reason"] for t in err.value.details["tried"]] == ["http_503", "retry_budget_exhausted"]
     assert backends["merged-b"].calls == 0  # no budget, no second attempt
+
+
+def test_a_workers_404_for_an_assigned_adapter_is_tried_elsewhere(tmp_path: Path) -> None:
+    with pytest.raises(AttemptFailed) as exc:
+        read_answer("w", 404, {"error": {"code": "adapter_not_found", "message": "not held"}})
+    assert exc.value.reason is Failure.ADAPTER_MISSING
+
+    missing = AttemptFailed(Failure.ADAPTER_MISSING)
+    dispatcher, backends = make_dispatcher(
+        make_mapping(tmp_path), {"merged-a": [missing], "merged-b": [missing]}
+    )
+    served = run(dispatcher)
+    assert served.worker_id == "dynamic-0" and served.degraded
+    replicas = {r.spec.id: r for r in dispatcher.replicas()}
+    for wid in (
+        "merged-a",
+        "merged-b",
+    ):  # healthy workers that lack the adapter: not counted, not asked again
+        assert replicas[wid].consecutive_failures == 0 and not replicas[wid].holds("calendar")
+    assert run(dispatcher).worker_id == "dynamic-0"
+    assert backends["merged-a"].calls == 1

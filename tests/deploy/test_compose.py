@@ -21,7 +21,7 @@ ENV_FILE = DOCKER / ".env.example"
 MAPPING = REPO / "config" / "expert_machine_mapping.json"
 # The wrapper script drops the exit status, so run the binary itself.
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
-SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
+SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS", "GRAFANA_ADMIN_PASSWORD", "MOLE_METRICS_TOKEN")
 MONITORING = ("prometheus", "grafana")  # the services that are not mole's
 
 
@@ -130,8 +130,9 @@ def test_secrets_are_files_never_environment(one_box: dict[str, Any]) -> None:
         assert not {env_example[v] for v in SECRET_VARS} & set(env.values()), name
         if name not in MONITORING:
             secrets = {s["source"] for s in service["secrets"]}
-            assert {"worker_token", "hf_token"} <= secrets
+            assert {"worker_token", "hf_token", "metrics_token"} <= secrets
             assert env["MOLE_WORKER_TOKEN_FILE"] == "/run/secrets/worker_token"
+            assert env["MOLE_METRICS_TOKEN_FILE"] == "/run/secrets/metrics_token"
             assert env["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
     assert services["coordinator"]["environment"]["MOLE_API_KEYS_FILE"] == "/run/secrets/api_keys"
     assert {s["environment"] for s in one_box["secrets"].values()} == set(SECRET_VARS)
@@ -140,8 +141,12 @@ def test_secrets_are_files_never_environment(one_box: dict[str, Any]) -> None:
 
 
 def test_prometheus_scrapes_every_service(one_box: dict[str, Any]) -> None:
-    targets = set(re.findall(r'"([a-z0-9-]+:\d+)"', (DOCKER / "prometheus.yml").read_text()))
+    text = (DOCKER / "prometheus.yml").read_text()
+    targets = set(re.findall(r'"([a-z0-9-]+:\d+)"', text))
     assert targets == {f"{name}:8000" for name in one_box["services"] if name not in MONITORING}
+    # /metrics needs the metrics token: every job sends it, from the secret prometheus mounts
+    assert text.count("credentials_file: /run/secrets/metrics_token") == text.count("job_name:")
+    assert {s["source"] for s in one_box["services"]["prometheus"]["secrets"]} == {"metrics_token"}
 
 
 def test_grafana_and_alert_rules_are_provisioned_and_logs_rotate(one_box: dict[str, Any]) -> None:

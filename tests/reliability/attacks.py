@@ -103,7 +103,7 @@ def fuzz_openapi(
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
 
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers=dict(headers or {}))
     tried: dict[str, int] = {}
     statuses: dict[int, int] = {}
 

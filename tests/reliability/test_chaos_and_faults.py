@@ -124,7 +124,7 @@ def _body(sample: synthetic.Sample, **extra: Any) -> dict[str, Any]:
 
 
 def _workers(stack: Stack) -> dict[str, dict[str, Any]]:
-    rows = httpx.get(f"{stack.url}/workers", timeout=5).json()
+    rows = httpx.get(f"{stack.url}/workers", headers=AUTH, timeout=5).json()
     rows = rows["workers"] if isinstance(rows, dict) else rows
     return {r["id"]: r for r in rows}
 
@@ -189,7 +189,7 @@ def test_killing_a_replica_mid_burst_loses_no_request(stack: Stack, figures: dic
     with httpx.Client(timeout=30, headers=AUTH) as client:
         later = [client.post(f"{stack.url}/classify", json=bodies[i]).json()["worker_id"] for i in range(12)]
     assert "merged-calendar" in later, "the restarted replica must be used again"
-    metrics = httpx.get(f"{stack.url}/metrics").text
+    metrics = httpx.get(f"{stack.url}/metrics", headers=AUTH).text
     retries = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()

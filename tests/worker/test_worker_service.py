@@ -83,7 +83,8 @@ def test_readiness_is_503_while_loading_then_200(first_probe: tuple[ServiceProce
 def test_info_describes_the_worker(
     dynamic: ServiceProcess, merged: ServiceProcess, demo_assets: Path
 ) -> None:
-    info = httpx.get(f"{dynamic.url}/info").json()
+    assert httpx.get(f"{dynamic.url}/info").status_code == 401  # names model paths: behind the token
+    info = httpx.get(f"{dynamic.url}/info", headers=AUTH).json()
     assert info["worker_id"] == "dynamic-0" and info["mode"] == "dynamic"
     assert info["adapters"] == ["calendar", "claim", "desktop", "login"]
     assert Path(info["base_model"]) == (demo_assets / "base").resolve()
@@ -120,7 +121,7 @@ def test_concurrent_mixed_adapters_match_requests_served_alone(dynamic: ServiceP
         r = httpx.post(f"{dynamic.url}/infer", json=body, headers=AUTH, timeout=30)
         assert r.status_code == 200, r.text
         alone.append(r.json()["output"])
-    before = _batch_counts(httpx.get(f"{dynamic.url}/metrics").text)
+    before = _batch_counts(httpx.get(f"{dynamic.url}/metrics", headers=AUTH).text)
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
@@ -131,7 +132,7 @@ def test_concurrent_mixed_adapters_match_requests_served_alone(dynamic: ServiceP
     assert [r.json()["output"] for r in together] == alone
     for body, r in zip(bodies, together, strict=True):
         assert synthetic.EXPERT_FORMATS[body["adapter"]].match(r.json()["output"])
-    after = _batch_counts(httpx.get(f"{dynamic.url}/metrics").text)
+    after = _batch_counts(httpx.get(f"{dynamic.url}/metrics", headers=AUTH).text)
     batches, singles = after[0] - before[0], after[1] - before[1]
     assert batches < 24 and singles < batches, "concurrent requests were not batched"
 
@@ -144,7 +145,8 @@ def test_worker_token_is_required(dynamic: ServiceProcess) -> None:
     r = httpx.post(f"{dynamic.url}/infer", params={"token": TOKEN}, json=body)
     assert r.status_code == 401, "a token in the query string must not be accepted"
     assert httpx.get(f"{dynamic.url}/health/ready").status_code == 200  # probes stay open
-    assert httpx.get(f"{dynamic.url}/metrics").status_code == 200
+    assert httpx.get(f"{dynamic.url}/metrics").status_code == 401  # the worker token (or a metrics token)
+    assert httpx.get(f"{dynamic.url}/metrics", headers=AUTH).status_code == 200
     assert TOKEN not in dynamic.log_path.read_text()
 
 
