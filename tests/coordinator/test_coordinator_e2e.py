@@ -392,8 +392,9 @@ def test_dashboard_and_alerts_use_only_exported_metrics(stack: Stack) -> None:
     exported by the live coordinator or workers, and no ``*_created`` series is exported."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported: set[str] = set()
-    texts = [httpx.get(f"{url}/metrics").text for url in (stack.url, stack.proc_url)]
-    texts += [httpx.get(f"{w.probe_url}/metrics").text for w in stack.workers.values()]
+    texts = [httpx.get(f"{url}/metrics", headers=AUTH).text for url in (stack.url, stack.proc_url)]
+    worker_auth = {"Authorization": f"Bearer {WORKER_TOKEN}"}  # /metrics takes the service's credential
+    texts += [httpx.get(f"{w.probe_url}/metrics", headers=worker_auth).text for w in stack.workers.values()]
     for text in texts:
         assert "_created" not in text
         for family in text_string_to_metric_families(text):

@@ -21,7 +21,13 @@ ENV_FILE = DOCKER / ".env.example"
 MAPPING = REPO / "config" / "expert_machine_mapping.json"
 # The wrapper script drops the exit status, so run the binary itself.
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
-SECRET_VARS = ("HF_TOKEN", "MOLE_WORKER_TOKEN", "MOLE_API_KEYS", "GRAFANA_ADMIN_PASSWORD", "MOLE_METRICS_TOKEN")
+SECRET_VARS = (
+    "HF_TOKEN",
+    "MOLE_WORKER_TOKEN",
+    "MOLE_API_KEYS",
+    "GRAFANA_ADMIN_PASSWORD",
+    "MOLE_METRICS_TOKEN",
+)
 MONITORING = ("prometheus", "grafana")  # the services that are not mole's
 
 
