@@ -171,8 +171,11 @@ class AdapterSpec(_Strict):
     lora: str = Field(min_length=1)  # PEFT adapter folder
     hot: bool = False  # has a merged checkpoint served by a merged worker (old files: "mode": "merged")
     merged: str | None = None  # merged standalone checkpoint folder (for merged workers)
-    system_prompt: str | None = None  # prepended as the system turn
-    max_new_tokens: int | None = Field(default=None, ge=1)  # per-adapter generation default
+    system_prompt: str | None = None  # the system turn when the request brings none
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default answer length of this adapter
+    max_new_tokens_cap: int | None = Field(
+        default=None, ge=1
+    )  # longest answer allowed (None: the worker's cap)
     description: str = ""  # free text for humans and /v1/models
 
     @model_validator(mode="before")
@@ -247,6 +250,9 @@ class MoleMapping(_Strict):
         default_factory=DispatchPolicy, validation_alias=AliasChoices("dispatch", "routing")
     )  # old files: "routing"
     monolithic: bool = False  # coordinator and one dynamic worker in one process
+    serve_base_as: str | None = (
+        None  # name under which dynamic workers serve the base model itself (no adapter)
+    )
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -270,7 +276,7 @@ class MoleMapping(_Strict):
         """
         if not isinstance(name_or_label, bool):
             key = str(name_or_label).strip()
-            if key in self.adapters:
+            if key in self.adapters or (key and key == self.serve_base_as):
                 return key
             if key in self.router.labels:
                 return self.router.labels[key]
@@ -284,7 +290,10 @@ class MoleMapping(_Strict):
         )
 
     def workers_for(self, adapter: str) -> list[WorkerSpec]:
-        """Workers whose ``adapters`` list holds ``adapter``, in mapping order (empty if none)."""
+        """Workers whose ``adapters`` list holds ``adapter``, in mapping order (empty if none); the
+        base model's name (``serve_base_as``) is held by every dynamic worker."""
+        if adapter == self.serve_base_as:
+            return [w for w in self.workers if w.mode == "dynamic"]
         return [w for w in self.workers if adapter in w.adapters]
 
     def worker(self, worker_id: str) -> WorkerSpec:
