@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.batching import BatchSettings, MicroBatcher
-from shared.errors import NoConfidentRoute
+from shared.errors import InvalidInput, NoConfidentRoute
 from shared.mapping import MoleMapping, RouterSpec
 from shared.schemas import RouteCandidate
 from shared.settings import Settings, resolve_device_dtype
@@ -240,6 +240,31 @@ def _candidates(mapping: MoleMapping, scores: RouteScores) -> list[RouteCandidat
     ]
 
 
+def _label_of(mapping: MoleMapping, adapter: str) -> str:
+    """The adapter's router label ("" for an unlabelled, discovered or base-model name)."""
+    spec = mapping.adapters.get(adapter)
+    return (spec.label or "") if spec is not None else ""
+
+
+def text_only_decision(mapping: MoleMapping, explicit: str | None) -> RouteDecision:
+    """The adapter for a request without an image: the router reads screenshots, so the explicit
+    expert serves, else the router's fallback adapter; with neither it is ``InvalidInput``."""
+    if explicit is not None:
+        return RouteDecision(
+            explicit, _label_of(mapping, explicit), None, "explicit", path=[f"explicit:{explicit}"]
+        )
+    fallback = mapping.router.fallback_adapter
+    if fallback is None:
+        raise InvalidInput(
+            "image_b64: a request without an image needs an explicit expert (model); the router "
+            "routes by the screenshot and this mapping has no router.fallback_adapter",
+            field="image_b64",
+        )
+    return RouteDecision(
+        fallback, _label_of(mapping, fallback), None, "fallback", path=[f"text_only->fallback:{fallback}"]
+    )
+
+
 def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | None) -> RouteDecision:
     """Choose the adapter for a request.
 
@@ -254,7 +279,7 @@ def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | Non
     choice = top_k[0].adapter if top_k else None
     path = [f"router:{top_k[0].label}->{choice}@{top_k[0].probability:.3f}"] if top_k else []
     if explicit is not None:
-        label = mapping.adapters[explicit].label or ""
+        label = _label_of(mapping, explicit)
         return RouteDecision(
             explicit, label, None, "explicit", top_k, choice, [*path, f"explicit:{explicit}"]
         )
