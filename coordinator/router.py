@@ -1,8 +1,10 @@
 """The router: base Qwen3-VL + router LoRA, loaded once; a route is ONE forward pass.
 
 ``Router.score`` queues the decoded image on a :class:`~shared.batching.MicroBatcher`, whose thread
-runs one forward for every concurrent request (``next_token_logits``, ``logits_to_keep=1``) and takes
-a softmax over the label tokens' logits. :func:`decide` turns those scores, the mapping's thresholds,
+scores every concurrent request at once (``score_labels``): one forward over the prompts, and when
+some labels are several tokens long one more forward that continues the prompts' KV cache with
+every label's tokens; then a softmax over the labels' sequence log-probabilities. Labels are any
+strings the tokenizer encodes (``"10"``, ``"invoice-ocr"``), so a router may choose among dozens. :func:`decide` turns those scores, the mapping's thresholds,
 fallback adapter and shadow flag, and an optional explicit expert into a :class:`RouteDecision`.
 
 By default the router loads its own base model. In monolithic mode a :data:`RouterModelProvider`
@@ -39,8 +41,8 @@ RoutedBy = Literal["router", "explicit", "fallback"]
 class RouterConfig:
     """What one mapping asks of the router model: its label tokens and the templated question."""
 
-    labels: tuple[str, ...]  # label tokens, in the mapping's label order
-    label_ids: tuple[int, ...]  # their token ids, aligned with ``labels``
+    labels: tuple[str, ...]  # labels, in the mapping's label order
+    label_ids: tuple[tuple[int, ...], ...]  # each label's token ids (one or more), aligned with ``labels``
     text: str  # chat-templated router prompt
     max_pixels: int | None  # image budget of a routing forward (None: the checkpoint's)
 
@@ -189,11 +191,13 @@ class Router:
 
     # ---- configuration ---------------------------------------------------------------------
     def config_for(self, spec: RouterSpec) -> RouterConfig:
-        """Label token ids and templated prompt for ``spec``; ``ValueError`` if a label is not one token."""
-        from shared.modeling import label_token_ids, render_prompt
+        """Label token ids and templated prompt for ``spec``; ``ValueError`` if a label has no
+        tokens or two labels tokenize alike."""
+        from shared.modeling import render_prompt
+        from shared.scoring import label_sequences
 
         labels = tuple(spec.ordered_labels())
-        ids = tuple(label_token_ids(self._tokenizer, labels))
+        ids = tuple(tuple(seq) for seq in label_sequences(self._tokenizer, labels))
         text = render_prompt(self._processor, spec.prompt)
         return RouterConfig(labels=labels, label_ids=ids, text=text, max_pixels=spec.max_pixels)
 
@@ -212,20 +216,21 @@ class Router:
     def _run_batch(self, items: Sequence[_RouteItem]) -> list[tuple[float, ...]]:
         import torch
 
-        from shared.modeling import next_token_logits
+        from shared.scoring import score_labels
 
         config = items[0].config  # the batcher groups by config, so every item shares it
         names = [self._adapter_name] * len(items) if self._adapter_name is not None else None
         with self._lock:
-            logits = next_token_logits(
+            scores = score_labels(
                 self._model,
                 self._processor,
                 [i.image for i in items],
                 [config.text] * len(items),
+                config.label_ids,
                 adapter_names=names,
                 max_pixels=config.max_pixels,
             )
-        probs = torch.softmax(logits[:, list(config.label_ids)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)  # over the labels' full sequences
         return [tuple(float(p) for p in row) for row in probs.tolist()]
 
     def _observe_batch(self, size: int, seconds: float) -> None:

@@ -399,7 +399,8 @@ def next_token_logits(
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[int]:
-    """The single token id of each router label; a label that is not one token is a ``ValueError``."""
+    """The single token id of each router label; a label that is not one token is a ``ValueError``
+    (tools that score only single-token labels; the router scores any: :mod:`shared.scoring`)."""
     ids = []
     for label in labels:
         encoded = tokenizer.encode(label, add_special_tokens=False)

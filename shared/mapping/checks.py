@@ -44,7 +44,7 @@ def adapter_names_are_safe(m: MoleMapping) -> Iterator[str]:
 def adapter_labels_are_tokens(m: MoleMapping) -> Iterator[str]:
     for name, spec in m.adapters.items():
         if spec.label is not None and _bad_token(spec.label):
-            yield f'adapters "{name}": label "{spec.label}" must be a single token without whitespace'
+            yield f'adapters "{name}": label "{spec.label}" must be a non-empty string without whitespace'
 
 
 def adapter_labels_are_unique(m: MoleMapping) -> Iterator[str]:
@@ -85,7 +85,7 @@ def router_labels_match_adapters(m: MoleMapping) -> Iterator[str]:
     for label, name in m.router.labels.items():
         entry = f'router.labels "{label}"'
         if _bad_token(label):
-            yield f"{entry}: labels must be single tokens without whitespace"
+            yield f"{entry}: labels must be non-empty strings without whitespace"
         elif name not in m.adapters:
             yield f'{entry}: adapter "{name}" is not defined in "adapters"'
         elif (has := m.adapters[name].label) != label:

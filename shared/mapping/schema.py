@@ -134,11 +134,11 @@ class CoordinatorSpec(_HasUrl):
 
 
 class RouterSpec(_Strict):
-    """The router LoRA and its label tokens; one forward + softmax over these labels routes a request."""
+    """The router LoRA and its labels; the labels' token sequences, scored in one batched pass, route a request."""
 
     adapter: str = Field(min_length=1)  # router LoRA folder
     prompt: str = Field(default="Which expert should handle this screen?", min_length=1)  # router question
-    labels: dict[str, str] = Field(min_length=1)  # label token -> adapter name
+    labels: dict[str, str] = Field(min_length=1)  # label (any number of tokens) -> adapter name
     thresholds: dict[str, float] = Field(default_factory=dict)  # "default" or a label -> min confidence
     fallback_adapter: str | None = None  # served when the top label is below threshold; None -> 422
     shadow: bool = False  # route and log, but serve the explicit/fallback choice
@@ -167,7 +167,7 @@ class AdapterSpec(_Strict):
     serves. Dispatch never reads it; which workers serve an adapter, and how, is the workers' list.
     """
 
-    label: str | None = None  # router label token; None: reachable only by explicit name
+    label: str | None = None  # router label; None: reachable only by explicit name
     lora: str = Field(min_length=1)  # PEFT adapter folder
     hot: bool = False  # has a merged checkpoint served by a merged worker (old files: "mode": "merged")
     merged: str | None = None  # merged standalone checkpoint folder (for merged workers)
@@ -235,7 +235,7 @@ class MoleMapping(_Strict):
     :func:`~shared.mapping.load.parse_mapping`), which also check the invariants below.
 
     Invariants after loading: every router label maps to a defined adapter carrying that label and
-    vice versa; labels are unique single tokens; every adapter is held by at least one worker; every
+    vice versa; labels are unique strings without whitespace (any number of tokens); every adapter is held by at least one worker; every
     worker holds only defined adapters (exactly one when merged); worker ids and URLs are unique;
     every ``WorkerSpec.model`` is set; paths are absolute.
     """
@@ -363,6 +363,15 @@ class MoleMapping(_Strict):
             if fallback
             else "fallback adapter: none (requests below threshold answer 422)"
         )
+        if self.serve_base_as is not None:
+            dynamic = ", ".join(w.id for w in self.workers_for(self.serve_base_as))
+            lines.append(f"base model: served as {self.serve_base_as!r} by {dynamic} (by name only)")
+        for w in self.workers:
+            if w.discover is not None:
+                lines.append(
+                    f"discover: {w.id} serves every {w.discover}/<name>/adapter by name (expert, OpenAI "
+                    "model) without a mapping edit; the router routes only to adapters with a router label"
+                )
         return "\n".join(lines)
 
 
