@@ -8,8 +8,10 @@ coordinator`` process. The test clients are the official ``openai`` package and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from support import coordinator_process, demo_mapping_copy, wait_for, worker_process
+from support import REPO, coordinator_process, demo_mapping_copy, wait_for, worker_process
 
 from mole import synthetic
 from mole.supervisor import ServiceProcess
@@ -263,3 +265,51 @@ def test_an_adapter_copied_onto_the_volume_is_served_by_name(stack: Stack) -> No
     workers = {w["id"]: w for w in httpx.get(f"{stack.url}/workers").json()["workers"]}
     assert "login-copy" in workers["dynamic-0"]["extra_adapters"]
     assert picked_up_s < 10, picked_up_s
+
+
+# ---- the documented examples ----------------------------------------------------------------------
+
+DOC_URL = "http://127.0.0.1:8700"  # the demo coordinator's URL, as the docs write it
+
+
+def _doc_blocks(path: Path, section: str | None = None) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block of ``path`` (only under the ``## section`` heading)."""
+    text = path.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```(\w+)\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def _run_examples(stack: Stack, blocks: list[tuple[str, str]], cwd: Path) -> int:
+    """Run every bash/python block with the live stack's URL; compare each with the example answer
+    that follows it (JSON: the same top-level fields; text: the same first word). Returns how many
+    ran."""
+    ran = 0
+    output = ""
+    for lang, code in blocks:
+        if lang in ("bash", "python"):
+            code = (
+                code.replace(DOC_URL, stack.url)
+                .replace("/vol/loras", str(stack.volume))
+                .replace("./invoice-lora", str(stack.assets / "loras" / "login" / "adapter"))
+            )
+            cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{code}\n{done.stdout}\n{done.stderr}"
+            output = done.stdout
+            ran += 1
+        elif lang == "json":
+            expected, got = json.loads(code), json.loads(output)
+            assert set(got) == set(expected), f"documented fields {sorted(expected)}, answered {sorted(got)}"
+        elif lang == "text":
+            assert output.split()[0] == code.split()[0], f"documented:\n{code}\nanswered:\n{output}"
+            if code.rstrip().endswith("data: [DONE]"):
+                assert output.rstrip().endswith("data: [DONE]")
+    return ran
+
+
+def test_every_documented_example_runs(stack: Stack, tmp_path: Path) -> None:
+    _sample("calendar").image.save(tmp_path / "screen.png")
+    ran = _run_examples(stack, _doc_blocks(REPO / "docs" / "examples.md"), tmp_path)
+    ran += _run_examples(stack, _doc_blocks(REPO / "README.md", "Examples"), tmp_path)
+    assert ran >= 6
