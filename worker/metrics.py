@@ -45,6 +45,12 @@ class WorkerMetrics:
         )
         self.queue_depth = Gauge("mole_worker_queue_depth", "Requests waiting for a batch", registry=r)
         self.tokens = Counter("mole_worker_tokens_generated", "Generated tokens", ["adapter"], registry=r)
+        self.abandoned = Counter(
+            "mole_worker_streams_abandoned",
+            "Streamed requests whose client left before the end (their rows stop at the next token)",
+            ["adapter"],
+            registry=r,
+        )
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
         self.adapters_loaded = Gauge("mole_worker_adapters_loaded", "Adapters held", registry=r)
 

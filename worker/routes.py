@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -51,8 +52,12 @@ async def infer_stream(body: InferRequest, request: Request, service: Service) -
     stream = await service.open_stream(body, deadline=deadline)
 
     async def lines() -> AsyncIterator[bytes]:
-        async for event in stream.events():
-            yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+        try:
+            async with contextlib.aclosing(stream.events()) as events:
+                async for event in events:
+                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+        finally:  # the coordinator went away (or the stream ended): the row stops at its next token
+            stream.close()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -52,11 +52,13 @@ class InferStream:
         queue: asyncio.Queue[str | None],
         task: asyncio.Future[InferResponse],
         cancelled: threading.Event,
+        on_abandon: Callable[[], None],
     ):
         self._first = first
         self._queue = queue
         self._task = task
         self._cancelled = cancelled
+        self._on_abandon = on_abandon
 
     async def events(self) -> AsyncGenerator[InferStreamEvent, None]:
         """``delta`` events as the worker produces them, then ``final`` (or ``error``). Leaving the
@@ -77,9 +79,12 @@ class InferStream:
 
     def close(self) -> None:
         """Stop the request (if it still runs): its row ends at its next token."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
         if not self._task.done():
             self._task.cancel()
+            self._on_abandon()
 
 
 class WorkerService:
@@ -227,7 +232,8 @@ class WorkerService:
             cancelled.set()
             task.cancel()
             raise
-        return InferStream(first, queue, task, cancelled)
+        abandoned = self.metrics.abandoned.labels(adapter=self._metric_adapter(req.adapter))
+        return InferStream(first, queue, task, cancelled, abandoned.inc)
 
     async def _admit(self, req: InferRequest) -> tuple[Row, float, float]:
         self.require_ready()
