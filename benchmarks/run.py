@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {
     "overhead": "benchmarks.overhead",
     "cost-growth": "benchmarks.cost_growth",
     "router-budget": "benchmarks.router_budget",
+    "label-growth": "benchmarks.label_growth",
 }
 
 

@@ -1,9 +1,9 @@
 """Backends: the one contract between the dispatcher and whatever runs a request.
 
-A :class:`Backend` is one worker: ``worker_id``, ``infer`` and ``health``. :class:`HttpBackend`
+A :class:`Backend` is one worker: ``worker_id``, ``infer``, ``stream`` and ``health``. :class:`HttpBackend`
 reaches a worker process over the app's shared ``httpx.AsyncClient``; monolithic mode's
 ``InProcessBackend`` (:mod:`mole.monolithic`) calls a worker service of the same process. A new
-engine is a new class with these three members; the dispatcher does not change.
+engine is a new class with these four members; the dispatcher does not change.
 
 Every backend reads a worker's answer through :func:`read_answer`, the one table from a status (and
 the error body) to an outcome:
@@ -22,10 +22,12 @@ A call that outlives its timeout is :class:`AttemptTimedOut` (never retried: the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -40,6 +42,7 @@ from shared.schemas import (
     AdapterInfo,
     InferRequest,
     InferResponse,
+    InferStreamEvent,
     WorkerReady,
 )
 
@@ -127,6 +130,9 @@ class Probe:
     instance: str | None = None  # which process/container of the worker answered
 
 
+EventStream = AsyncIterator[InferStreamEvent]
+
+
 class Backend(Protocol):
     """One worker: somewhere an :class:`InferRequest` can run."""
 
@@ -134,6 +140,13 @@ class Backend(Protocol):
 
     async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
         """Run one request. Raises ``AttemptFailed``, ``AttemptTimedOut`` or ``ForwardedError``."""
+        ...
+
+    def stream(self, request: InferRequest, call: CallContext) -> AbstractAsyncContextManager[EventStream]:
+        """Run one request streamed. Entering waits for the first token and raises as :meth:`infer`
+        does (so the dispatcher may still try another replica); the events that follow are the
+        text as it is generated, then the final answer (or an error event). A failure after the
+        first token is raised from the iteration. Leaving the block early stops the request."""
         ...
 
     async def health(self) -> Probe:
@@ -202,6 +215,23 @@ def _ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
 
+@contextlib.contextmanager
+def _transport_failures(call: CallContext) -> Iterator[None]:
+    """httpx's exceptions as attempt outcomes (see the module docstring)."""
+    try:
+        yield
+    except httpx.ConnectTimeout:
+        raise AttemptFailed(Failure.CONNECT_TIMEOUT) from None
+    except (TimeoutError, httpx.TimeoutException):
+        raise AttemptTimedOut(f"no answer within {call.timeout_s:.1f}s") from None
+    except httpx.ConnectError:
+        raise AttemptFailed(Failure.CONNECT_ERROR) from None
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        raise AttemptFailed(Failure.READ_ERROR) from None
+    except httpx.TransportError:
+        raise AttemptFailed(Failure.TRANSPORT_ERROR) from None
+
+
 class HttpBackend:
     """A mole worker process reached over HTTP through the shared keep-alive client."""
 
@@ -211,7 +241,7 @@ class HttpBackend:
         self._client = client
         self._token = token
 
-    async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
+    def _request(self, path: str, request: InferRequest, call: CallContext) -> httpx.Request:
         headers = {
             REQUEST_ID_HEADER: call.request_id,
             DEADLINE_HEADER: str(max(1, int(call.timeout_s * 1000))),
@@ -219,22 +249,18 @@ class HttpBackend:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         timeout = httpx.Timeout(call.timeout_s, connect=min(call.connect_timeout_s, call.timeout_s))
-        body = request.model_dump(exclude_none=True)
-        try:
+        return self._client.build_request(
+            "POST",
+            f"{self.url}{path}",
+            json=request.model_dump(exclude_none=True),
+            headers=headers,
+            timeout=timeout,
+        )
+
+    async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
+        with _transport_failures(call):
             async with asyncio.timeout(call.timeout_s):  # the total, not per read: never hang
-                resp = await self._client.post(
-                    f"{self.url}/infer", json=body, headers=headers, timeout=timeout
-                )
-        except httpx.ConnectTimeout:
-            raise AttemptFailed(Failure.CONNECT_TIMEOUT) from None
-        except (TimeoutError, httpx.TimeoutException):
-            raise AttemptTimedOut(f"no answer within {call.timeout_s:.1f}s") from None
-        except httpx.ConnectError:
-            raise AttemptFailed(Failure.CONNECT_ERROR) from None
-        except (httpx.ReadError, httpx.RemoteProtocolError):
-            raise AttemptFailed(Failure.READ_ERROR) from None
-        except httpx.TransportError:
-            raise AttemptFailed(Failure.TRANSPORT_ERROR) from None
+                resp = await self._client.send(self._request("/infer", request, call))
         return read_answer(
             self.worker_id,
             resp.status_code,
@@ -242,6 +268,27 @@ class HttpBackend:
             parse=lambda: InferResponse.model_validate_json(resp.content),
             retry_after=_retry_after(resp),
         )
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: InferRequest, call: CallContext) -> AsyncIterator[EventStream]:
+        """``POST /infer/stream``: the worker answers its status with the first token; each line
+        after it is one :class:`InferStreamEvent`. Closing the response stops the worker's row."""
+        with _transport_failures(call):
+            async with asyncio.timeout(call.timeout_s):  # until the first token
+                resp = await self._client.send(self._request("/infer/stream", request, call), stream=True)
+        try:
+            if resp.status_code != 200:
+                with _transport_failures(call):
+                    await resp.aread()
+                read_answer(
+                    self.worker_id,
+                    resp.status_code,
+                    _json_or_none(resp),
+                    retry_after=_retry_after(resp),
+                )
+            yield _stream_events(resp, call)
+        finally:
+            await resp.aclose()
 
     async def health(self) -> Probe:
         t0 = time.perf_counter()
@@ -257,6 +304,17 @@ class HttpBackend:
         except ValidationError:
             return Probe("down", latency_ms=latency, error="bad_health_body")
         return probe_of(ready, ok=resp.status_code == 200, latency_ms=latency)
+
+
+async def _stream_events(resp: httpx.Response, call: CallContext) -> EventStream:
+    with _transport_failures(call):
+        async for line in resp.aiter_lines():
+            if not line:
+                continue
+            try:
+                yield InferStreamEvent.model_validate_json(line)
+            except ValidationError:
+                raise AttemptFailed(Failure.BAD_RESPONSE) from None
 
 
 def probe_of(ready: WorkerReady, *, ok: bool = True, latency_ms: float = 0.0) -> Probe:

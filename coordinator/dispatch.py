@@ -32,13 +32,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator.backends import (
     AttemptFailed,
     AttemptTimedOut,
     Backend,
     CallContext,
+    EventStream,
     Failure,
 )
 from coordinator.metrics import CoordinatorMetrics
@@ -50,6 +51,7 @@ from shared.schemas import InferRequest, InferResponse
 logger = logging.getLogger(__name__)
 
 BackendFactory = Callable[[WorkerSpec], Backend]
+T = TypeVar("T")
 
 
 class RetryBudget:
@@ -89,6 +91,18 @@ class RetryBudget:
             return False
         self._retries.append(now)
         return True
+
+
+@dataclass
+class StreamDispatched:
+    """A streamed request whose first token came: the replica's events and how it was reached."""
+
+    events: EventStream
+    worker_id: str
+    degraded: bool
+    path: list[str] = field(default_factory=list)
+    worker_ms: float = 0.0  # time to the first token of the successful call
+    dispatch_ms: float = 0.0
 
 
 @dataclass
@@ -157,6 +171,12 @@ class Dispatcher:
 
     def replicas(self) -> list[Replica]:
         return list(self._replicas.values())
+
+    def discovered(self) -> set[str]:
+        """Names that workers report holding beyond the mapping's adapters (adapters dropped on a
+        volume, the served base model): callable by name, never routed to by the router."""
+        names = {a.name for r in self._replicas.values() for a in r.reported or []}
+        return names - set(self._mapping.adapters)
 
     def any_up(self) -> bool:
         now = time.monotonic()
@@ -270,8 +290,43 @@ class Dispatcher:
 
         ``deadline`` is the request's ``time.monotonic()`` budget end.
         """
+
+        @contextlib.asynccontextmanager
+        async def call(backend: Backend, ctx: CallContext) -> AsyncIterator[InferResponse]:
+            yield await backend.infer(request, ctx)
+
+        async with self._served(request.adapter, call, prefer_merged, request_id, deadline) as served:
+            response, wid, degraded, path, worker_ms, dispatch_ms = served
+        return Dispatched(response, wid, degraded, path, worker_ms, dispatch_ms)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, request: InferRequest, *, prefer_merged: bool, request_id: str, deadline: float
+    ) -> AsyncIterator[StreamDispatched]:
+        """Serve ``request`` streamed: the same policy as :meth:`dispatch` until the first token
+        (retries and fallback happen only before it), then the replica's events. The replica's slot
+        is held until the block is left; leaving it early (a client gone) stops the worker's row."""
+
+        def call(backend: Backend, ctx: CallContext) -> contextlib.AbstractAsyncContextManager[EventStream]:
+            return backend.stream(request, ctx)
+
+        async with self._served(request.adapter, call, prefer_merged, request_id, deadline) as served:
+            events, wid, degraded, path, worker_ms, dispatch_ms = served
+            yield StreamDispatched(events, wid, degraded, path, worker_ms, dispatch_ms)
+
+    @contextlib.asynccontextmanager
+    async def _served(
+        self,
+        adapter: str,
+        call: Callable[[Backend, CallContext], contextlib.AbstractAsyncContextManager[T]],
+        prefer_merged: bool,
+        request_id: str,
+        deadline: float,
+    ) -> AsyncIterator[tuple[T, str, bool, list[str], float, float]]:
+        """The retry loop of :meth:`dispatch` and :meth:`stream`: enter ``call`` on replicas of
+        ``adapter`` until one answers, and yield ``(its value, worker id, degraded, path,
+        worker ms, dispatch ms)`` with the replica's slot held."""
         policy = self._mapping.dispatch
-        adapter = request.adapter
         primary, fallback = self.plan(adapter, prefer_merged)
         tried: list[dict[str, str]] = []
         path: list[str] = []
@@ -280,7 +335,10 @@ class Dispatcher:
         self.budget.record_request()
         for tier, degraded in ((primary, False), (fallback, True)):
             for _ in range(policy.retries + 1):
-                async with self._slot(tier, {t["worker"] for t in tried}, deadline, adapter) as replica:
+                async with contextlib.AsyncExitStack() as stack:
+                    replica = await stack.enter_async_context(
+                        self._slot(tier, {t["worker"] for t in tried}, deadline, adapter)
+                    )
                     if replica is None:
                         break
                     wid = replica.spec.id
@@ -296,11 +354,12 @@ class Dispatcher:
                             adapter=adapter,
                             tried=tried,
                         )
-                    call = CallContext(
+                    ctx = CallContext(
                         request_id, min(policy.request_timeout_s, remaining), policy.connect_timeout_s
                     )
+                    t1 = time.perf_counter()
                     try:
-                        response, worker_ms = await self._attempt(replica, request, call)
+                        value = await stack.enter_async_context(self._attempt(replica, adapter, call, ctx))
                     except AttemptFailed as exc:
                         tried.append({"worker": wid, "reason": exc.reason.value})
                         path.append(f"{wid}:{exc.reason.value}")
@@ -310,15 +369,16 @@ class Dispatcher:
                         continue
                     except AttemptTimedOut:
                         raise WorkerTimeout(
-                            f"worker {wid} did not answer within {call.timeout_s:.1f}s (adapter {adapter})",
+                            f"worker {wid} did not answer within {ctx.timeout_s:.1f}s (adapter {adapter})",
                             adapter=adapter,
                             worker=wid,
-                            timeout_s=round(call.timeout_s, 3),
+                            timeout_s=round(ctx.timeout_s, 3),
                         ) from None
-                path.append(f"{wid}:ok")
-                if degraded:
-                    self._metrics.fallbacks.labels(adapter, "dynamic").inc()
-                return Dispatched(response, wid, degraded, path, worker_ms, _ms_since(t0))
+                    path.append(f"{wid}:ok")
+                    if degraded:
+                        self._metrics.fallbacks.labels(adapter, "dynamic").inc()
+                    yield value, wid, degraded, path, _ms_since(t1), _ms_since(t0)
+                    return
         raise self._unserved(adapter, tried, overloaded)
 
     def _unserved(self, adapter: str, tried: list[dict[str, str]], overloaded: float | None) -> Exception:
@@ -331,7 +391,7 @@ class Dispatcher:
         holders = [
             {"worker": r.spec.id, "state": r.state, "ejected": r.ejected(time.monotonic())}
             for r in self._replicas.values()
-            if adapter in r.spec.adapters
+            if adapter in r.spec.adapters or r.holds(adapter)
         ]
         attempts = ", ".join(f"{t['worker']} ({t['reason']})" for t in tried)
         if tried and all(Failure(t["reason"]).broken for t in tried):
@@ -345,18 +405,26 @@ class Dispatcher:
             message = f"no ready worker holds adapter {adapter}; replicas: {states}"
         return NoWorkerAvailable(message, adapter=adapter, tried=tried, replicas=holders)
 
+    @contextlib.asynccontextmanager
     async def _attempt(
-        self, replica: Replica, request: InferRequest, call: CallContext
-    ) -> tuple[InferResponse, float]:
-        """One call on ``replica`` (whose slot the caller holds), with its health bookkeeping."""
+        self,
+        replica: Replica,
+        adapter: str,
+        call: Callable[[Backend, CallContext], contextlib.AbstractAsyncContextManager[T]],
+        ctx: CallContext,
+    ) -> AsyncIterator[T]:
+        """One call on ``replica`` (whose slot the caller holds), with its health bookkeeping: what
+        fails while entering, and a stream that breaks after it, counts against the replica."""
         t0 = time.perf_counter()
         outcome = "error"
         try:
-            response = await replica.backend.infer(request, call)
-            outcome = "ok"
+            async with call(replica.backend, ctx) as value:
+                outcome = "ok"
+                replica.consecutive_failures = 0
+                yield value
         except AttemptFailed as exc:
             if exc.reason.adapter_only:
-                replica.lacks(request.adapter)
+                replica.lacks(adapter)  # the worker does not hold it (yet): not a health fault
             else:
                 self._failed(replica, exc.reason.value, down=exc.reason.unreachable)
             raise
@@ -371,8 +439,6 @@ class Dispatcher:
             raise
         finally:
             self._metrics.dispatch_seconds.labels(replica.spec.id, outcome).observe(time.perf_counter() - t0)
-        replica.consecutive_failures = 0
-        return response, _ms_since(t0)
 
     # ---- failures and ejection -----------------------------------------------------------------
     def _failed(self, replica: Replica, reason: str, *, down: bool = False) -> None:

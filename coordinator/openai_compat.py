@@ -4,24 +4,59 @@ This is the serving layer above :class:`~coordinator.service.CoordinatorService`
 ``serving_chat`` sits above its engine client: :func:`chat_completion` translates a chat request
 into a classify request, runs it, and translates the answer back.
 
-Requests keep unknown fields (OpenAI clients send many optional ones we ignore) but refuse what we
-cannot honour: ``stream: true``, ``n > 1``, image URLs that are not ``data:`` URLs (never fetched).
-The last user message's text is the prompt; the image is the last ``image_url`` part of the user
-messages; ``model`` is ``"auto"`` (the router decides) or an adapter name or label.
+Requests refuse what mole cannot honour, naming it: a parameter it does not implement (unless sent
+with its neutral value, as some clients do), ``n > 1``, tool messages, image URLs that are not
+``data:`` URLs (never fetched). System (and developer) messages become the system prompt; earlier
+user and assistant turns are rendered through the chat template; the last message is the user's
+prompt; the image is the last ``image_url`` part of the user messages, shown with the last user
+turn (none: a text-only request). ``model`` is ``"auto"`` (the router decides), an adapter name or
+label, an adapter a worker discovered, or the base model's name when the mapping serves it.
+
+``stream: true`` answers server-sent events (``chat.completion.chunk`` objects, then
+``data: [DONE]``) with the text as the worker generates it; ``stream_options.include_usage`` adds
+the usage chunk. ``usage.prompt_tokens`` is the worker's count of the prompt it ran: chat template
+and image tokens included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
-from typing import Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coordinator.service import Classified, CoordinatorService, Sampling
-from shared.errors import InvalidInput
-from shared.schemas import MAX_NEW_TOKENS_LIMIT, SEED_MAX, SEED_MIN, ClassifyRequest
+from coordinator.service import Classified, ClassifyStream, CoordinatorService, Sampling
+from shared.errors import InvalidInput, MoleError
+from shared.schemas import (
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_STOP_STRINGS,
+    SEED_MAX,
+    SEED_MIN,
+    ChatTurn,
+    ClassifyRequest,
+    FinishReason,
+)
 
 AUTO_MODEL = "auto"  # the router picks the adapter
+# Parameters mole does not implement, accepted only with the value that means "off" (clients such as
+# LangChain send some of them explicitly); anything else is a 400 naming them.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (False, True),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "metadata": ({},),
+}
+IGNORED = frozenset({"user"})  # metadata about the caller, not a generation parameter
 
 
 class _Lenient(BaseModel):
@@ -44,6 +79,10 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None
 
 
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(_Lenient):
     """The subset of OpenAI's chat completion request that mole honours."""
 
@@ -55,7 +94,9 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | list[str] | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -66,7 +107,7 @@ class ChatCompletionMessage(BaseModel):
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: None = None
 
 
@@ -88,6 +129,30 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -106,7 +171,41 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
     return "\n".join(p.text for p in content or [] if p.type == "text" and p.text)
 
 
-def _last_image(messages: list[ChatMessage]) -> str:
+def _unsupported(req: ChatCompletionRequest) -> list[str]:
+    """Parameters the request sets that mole would otherwise have to ignore."""
+    extra = req.model_extra or {}
+    return sorted(
+        name
+        for name, value in extra.items()
+        if name not in IGNORED and value is not None and value not in NEUTRAL.get(name, ())
+    )
+
+
+def _conversation(req: ChatCompletionRequest) -> tuple[str | None, list[ChatTurn], str]:
+    """(system prompt, earlier turns, the last user message's text)."""
+    system: list[str] = []
+    turns: list[ChatTurn] = []
+    for i, message in enumerate(req.messages):
+        text = _text_of(message.content)
+        if message.role in ("system", "developer"):
+            system.append(text)
+        elif message.role == "user":
+            turns.append(ChatTurn(role="user", text=text))
+        elif message.role == "assistant":
+            turns.append(ChatTurn(role="assistant", text=text))
+        else:
+            field = f"messages[{i}].role"
+            raise InvalidInput(f"{field}: {message.role!r} messages are not supported", field=field)
+    if not turns or turns[-1].role != "user":
+        raise InvalidInput("messages: the last message must be the user's", field="messages")
+    prompt = turns[-1].text.strip()
+    if not prompt:
+        field = f"messages[{len(req.messages) - 1}].content"
+        raise InvalidInput(f"{field}: the last user message needs a text part", field=field)
+    return ("\n\n".join(system) if system else None), turns[:-1], prompt
+
+
+def _last_image(messages: list[ChatMessage]) -> str | None:
     for i in range(len(messages) - 1, -1, -1):
         content = messages[i].content
         if messages[i].role != "user" or not isinstance(content, list):
@@ -125,66 +224,63 @@ def _last_image(messages: list[ChatMessage]) -> str:
                     field=field,
                 )
             return url
-    raise InvalidInput(
-        "messages: a user message needs an image_url part with a data:image/...;base64, URL",
-        field="messages",
-    )
+    return None
 
 
 def to_classify(req: ChatCompletionRequest) -> tuple[ClassifyRequest, Sampling]:
     """The ``/classify`` request and sampling options equivalent to a chat completion request."""
-    if req.stream:
-        raise InvalidInput("stream: streaming is not supported; send stream=false", field="stream")
+    unsupported = _unsupported(req)
+    if unsupported:
+        raise InvalidInput(
+            f"unsupported parameters: {', '.join(unsupported)}; mole does not implement them",
+            field=unsupported[0],
+            unsupported=unsupported,
+        )
     if req.n not in (None, 1):
         raise InvalidInput("n: only one choice (n=1) is supported", field="n")
-    users = [i for i, m in enumerate(req.messages) if m.role == "user"]
-    if not users:
-        raise InvalidInput("messages: at least one user message is required", field="messages")
-    prompt = _text_of(req.messages[users[-1]].content).strip()
-    if not prompt:
-        field = f"messages[{users[-1]}].content"
-        raise InvalidInput(f"{field}: the last user message needs a text part", field=field)
-    image = _last_image(req.messages)
+    system, history, prompt = _conversation(req)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidInput(f"stop: at most {MAX_STOP_STRINGS} stop strings", field="stop")
     try:
         classify = ClassifyRequest(
-            image_b64=image,
+            image_b64=_last_image(req.messages),
             prompt=prompt,
             expert=None if req.model == AUTO_MODEL else req.model,
             max_new_tokens=req.max_completion_tokens or req.max_tokens,
+            system_prompt=system,
+            stop=stop,
         )
     except ValidationError as exc:
         fields = ", ".join(".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid chat completion request: {fields}") from None
-    return classify, Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+    sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed, history=tuple(history))
+    return classify, sampling
 
 
-def completion(
-    *,
-    request_id: str,
-    adapter: str,
-    output: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    max_new_tokens: int | None,
-    fingerprint: str | None,
-) -> ChatCompletionResponse:
+def completion(served: Classified, request_id: str) -> ChatCompletionResponse:
     """The ``chat.completion`` object for one served request."""
-    hit_limit = max_new_tokens is not None and completion_tokens >= max_new_tokens
+    r = served.response
     return ChatCompletionResponse(
         id=f"chatcmpl-{request_id}",
         created=int(time.time()),
-        model=adapter,
+        model=r.adapter,
         choices=[
             ChatCompletionChoice(
-                message=ChatCompletionMessage(content=output), finish_reason="length" if hit_limit else "stop"
+                message=ChatCompletionMessage(content=r.output), finish_reason=r.finish_reason
             )
         ],
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-        system_fingerprint=fingerprint,
+        usage=_usage(served),
+        system_fingerprint=served.router_version[:16] or None,
+    )
+
+
+def _usage(served: Classified) -> Usage:
+    r = served.response
+    return Usage(
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        total_tokens=r.prompt_tokens + r.completion_tokens,
     )
 
 
@@ -194,18 +290,53 @@ async def chat_completion(
     """Serve one chat completion through :meth:`CoordinatorService.classify`."""
     classify, sampling = to_classify(req)
     served = await service.classify(classify, request_id, sampling=sampling)
-    body = completion(
-        request_id=request_id,
-        adapter=served.response.adapter,
-        output=served.response.output,
-        prompt_tokens=await service.count_prompt_tokens(classify.prompt),
-        completion_tokens=served.tokens_generated,
-        max_new_tokens=classify.max_new_tokens,
-        fingerprint=served.router_version[:16] or None,
-    )
-    return body, served
+    return completion(served, request_id), served
 
 
-def model_list(adapters: list[str]) -> ModelList:
-    """``/v1/models``: ``auto`` first, then every adapter."""
-    return ModelList(data=[ModelCard(id=AUTO_MODEL), *(ModelCard(id=name) for name in adapters)])
+@contextlib.asynccontextmanager
+async def chat_completion_stream(
+    service: CoordinatorService, req: ChatCompletionRequest, request_id: str
+) -> AsyncIterator[tuple[ClassifyStream, AsyncIterator[bytes]]]:
+    """Serve one streamed chat completion: entering routes the request and waits for the first
+    token (errors until then are raised, for an ordinary error answer); then the server-sent
+    events. Leaving the block stops the request and frees its worker slot."""
+    classify, sampling = to_classify(req)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    async with service.classify_stream(classify, request_id, sampling=sampling) as stream:
+        yield stream, _sse(stream, request_id, include_usage)
+
+
+async def _sse(stream: ClassifyStream, request_id: str, include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    fingerprint = stream.router_version[:16] or None
+
+    def event(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=f"chatcmpl-{request_id}",
+            created=created,
+            model=stream.adapter,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=fingerprint,
+        )
+        return b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"
+
+    yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    try:
+        async for piece in stream.deltas():
+            yield event([ChunkChoice(delta=ChunkDelta(content=piece))])
+    except MoleError as exc:  # after the first token the status is sent: the error is an event
+        yield b"data: " + json.dumps(exc.to_body()).encode() + b"\n\n"
+    else:
+        served = stream.classified
+        assert served is not None, "deltas() ends with the final answer"
+        yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=served.response.finish_reason)])
+        if include_usage:
+            yield event([], usage=_usage(served))
+    yield b"data: [DONE]\n\n"
+
+
+def model_list(adapters: list[str], created: int) -> ModelList:
+    """``/v1/models``: ``auto`` first, then every served name (``created``: when serving began)."""
+    cards = [ModelCard(id=name, created=created) for name in [AUTO_MODEL, *adapters]]
+    return ModelList(data=cards)

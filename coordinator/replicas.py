@@ -93,7 +93,13 @@ class Replica:
         self.last_error = f"adapter_missing:{adapter}"
 
     def holds(self, adapter: str) -> bool:
-        return adapter in self.spec.adapters and adapter not in self.missing()
+        """The mapping assigns ``adapter`` here and the worker did not say it lacks it, or the
+        worker reports holding it (an adapter it discovered on its volume, the base model)."""
+        if adapter in self.spec.adapters:
+            return adapter not in self.missing()
+        if self.spec.mode != "dynamic":  # a merged worker serves its one checkpoint only
+            return False
+        return self.reported is not None and any(a.name == adapter for a in self.reported)
 
     def view(self, now: float) -> dict[str, Any]:
         """This replica's ``GET /workers`` row."""

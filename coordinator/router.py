@@ -1,8 +1,10 @@
 """The router: base Qwen3-VL + router LoRA, loaded once; a route is ONE forward pass.
 
 ``Router.score`` queues the decoded image on a :class:`~shared.batching.MicroBatcher`, whose thread
-runs one forward for every concurrent request (``next_token_logits``, ``logits_to_keep=1``) and takes
-a softmax over the label tokens' logits. :func:`decide` turns those scores, the mapping's thresholds,
+scores every concurrent request at once (``score_labels``): one forward over the prompts, and when
+some labels are several tokens long one more forward that continues the prompts' KV cache with
+every label's tokens; then a softmax over the labels' sequence log-probabilities. Labels are any
+strings the tokenizer encodes (``"10"``, ``"invoice-ocr"``), so a router may choose among dozens. :func:`decide` turns those scores, the mapping's thresholds,
 fallback adapter and shadow flag, and an optional explicit expert into a :class:`RouteDecision`.
 
 By default the router loads its own base model. In monolithic mode a :data:`RouterModelProvider`
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.batching import BatchSettings, MicroBatcher
-from shared.errors import NoConfidentRoute
+from shared.errors import InvalidInput, NoConfidentRoute
 from shared.mapping import MoleMapping, RouterSpec
 from shared.schemas import RouteCandidate
 from shared.settings import Settings, resolve_device_dtype
@@ -39,8 +41,8 @@ RoutedBy = Literal["router", "explicit", "fallback"]
 class RouterConfig:
     """What one mapping asks of the router model: its label tokens and the templated question."""
 
-    labels: tuple[str, ...]  # label tokens, in the mapping's label order
-    label_ids: tuple[int, ...]  # their token ids, aligned with ``labels``
+    labels: tuple[str, ...]  # labels, in the mapping's label order
+    label_ids: tuple[tuple[int, ...], ...]  # each label's token ids (one or more), aligned with ``labels``
     text: str  # chat-templated router prompt
     max_pixels: int | None  # image budget of a routing forward (None: the checkpoint's)
 
@@ -189,11 +191,13 @@ class Router:
 
     # ---- configuration ---------------------------------------------------------------------
     def config_for(self, spec: RouterSpec) -> RouterConfig:
-        """Label token ids and templated prompt for ``spec``; ``ValueError`` if a label is not one token."""
-        from shared.modeling import label_token_ids, render_prompt
+        """Label token ids and templated prompt for ``spec``; ``ValueError`` if a label has no
+        tokens or two labels tokenize alike."""
+        from shared.modeling import render_prompt
+        from shared.scoring import label_sequences
 
         labels = tuple(spec.ordered_labels())
-        ids = tuple(label_token_ids(self._tokenizer, labels))
+        ids = tuple(tuple(seq) for seq in label_sequences(self._tokenizer, labels))
         text = render_prompt(self._processor, spec.prompt)
         return RouterConfig(labels=labels, label_ids=ids, text=text, max_pixels=spec.max_pixels)
 
@@ -212,20 +216,21 @@ class Router:
     def _run_batch(self, items: Sequence[_RouteItem]) -> list[tuple[float, ...]]:
         import torch
 
-        from shared.modeling import next_token_logits
+        from shared.scoring import score_labels
 
         config = items[0].config  # the batcher groups by config, so every item shares it
         names = [self._adapter_name] * len(items) if self._adapter_name is not None else None
         with self._lock:
-            logits = next_token_logits(
+            scores = score_labels(
                 self._model,
                 self._processor,
                 [i.image for i in items],
                 [config.text] * len(items),
+                config.label_ids,
                 adapter_names=names,
                 max_pixels=config.max_pixels,
             )
-        probs = torch.softmax(logits[:, list(config.label_ids)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)  # over the labels' full sequences
         return [tuple(float(p) for p in row) for row in probs.tolist()]
 
     def _observe_batch(self, size: int, seconds: float) -> None:
@@ -238,6 +243,31 @@ def _candidates(mapping: MoleMapping, scores: RouteScores) -> list[RouteCandidat
         RouteCandidate(label=label, adapter=mapping.router.labels[label], probability=round(p, 6))
         for label, p in scores.ranked()[:TOP_K]
     ]
+
+
+def _label_of(mapping: MoleMapping, adapter: str) -> str:
+    """The adapter's router label ("" for an unlabelled, discovered or base-model name)."""
+    spec = mapping.adapters.get(adapter)
+    return (spec.label or "") if spec is not None else ""
+
+
+def text_only_decision(mapping: MoleMapping, explicit: str | None) -> RouteDecision:
+    """The adapter for a request without an image: the router reads screenshots, so the explicit
+    expert serves, else the router's fallback adapter; with neither it is ``InvalidInput``."""
+    if explicit is not None:
+        return RouteDecision(
+            explicit, _label_of(mapping, explicit), None, "explicit", path=[f"explicit:{explicit}"]
+        )
+    fallback = mapping.router.fallback_adapter
+    if fallback is None:
+        raise InvalidInput(
+            "image_b64: a request without an image needs an explicit expert (model); the router "
+            "routes by the screenshot and this mapping has no router.fallback_adapter",
+            field="image_b64",
+        )
+    return RouteDecision(
+        fallback, _label_of(mapping, fallback), None, "fallback", path=[f"text_only->fallback:{fallback}"]
+    )
 
 
 def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | None) -> RouteDecision:
@@ -254,7 +284,7 @@ def decide(mapping: MoleMapping, scores: RouteScores | None, explicit: str | Non
     choice = top_k[0].adapter if top_k else None
     path = [f"router:{top_k[0].label}->{choice}@{top_k[0].probability:.3f}"] if top_k else []
     if explicit is not None:
-        label = mapping.adapters[explicit].label or ""
+        label = _label_of(mapping, explicit)
         return RouteDecision(
             explicit, label, None, "explicit", top_k, choice, [*path, f"explicit:{explicit}"]
         )

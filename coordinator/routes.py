@@ -8,10 +8,13 @@ the API key too (``coordinator/app.py``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from coordinator.deps import ApiKeyDep, MetricsDep, RequestIdDep, ServiceDep
 from coordinator.openai_compat import (
@@ -19,6 +22,7 @@ from coordinator.openai_compat import (
     ChatCompletionResponse,
     ModelList,
     chat_completion,
+    chat_completion_stream,
     model_list,
 )
 from coordinator.service import Classified
@@ -100,16 +104,41 @@ async def infer_web(
 @public.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
     body: ChatCompletionRequest, service: ServiceDep, rid: RequestIdDep, response: Response
-) -> ChatCompletionResponse:
-    """OpenAI-compatible: ``model`` is ``auto`` or an adapter; the image is a ``data:`` URL part."""
+) -> Any:
+    """OpenAI-compatible: ``model`` is ``auto`` or an adapter; the image is a ``data:`` URL part;
+    ``stream: true`` answers server-sent events as the worker generates."""
+    if body.stream:
+        return await _event_stream(service, body, rid)
     completion, served = await chat_completion(service, body, rid)
     _route_headers(response, served)
     return completion
 
 
+async def _event_stream(service: ServiceDep, body: ChatCompletionRequest, rid: str) -> StreamingResponse:
+    """The SSE answer; the request's worker slot is freed when the stream ends or its client leaves
+    (whichever of the body's ``finally`` and the background task runs first closes it)."""
+    scope = contextlib.AsyncExitStack()
+    stream, events = await scope.enter_async_context(chat_completion_stream(service, body, rid))
+
+    async def body_then_close() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            await scope.aclose()
+
+    headers = {ROUTER_VERSION_HEADER: stream.router_version, "Cache-Control": "no-cache"}
+    return StreamingResponse(
+        body_then_close(),
+        media_type="text/event-stream",
+        headers=headers,
+        background=BackgroundTask(scope.aclose),
+    )
+
+
 @public.get("/v1/models", response_model=ModelList)
 async def list_models(service: ServiceDep) -> ModelList:
-    return model_list(service.adapter_names())
+    return model_list(service.adapter_names(), service.started)
 
 
 @admin.post("/reload")

@@ -9,9 +9,10 @@ handles reloads), the dispatcher (:mod:`coordinator.dispatch`) and the request s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,24 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.active import Active, ActiveMapping
 from coordinator.backends import Backend, HttpBackend
-from coordinator.dispatch import Dispatcher
+from coordinator.dispatch import Dispatcher, StreamDispatched
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.router import RouterModelProvider, decide
+from coordinator.router import RouteDecision, RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
-from shared.errors import MoleError, PayloadTooLarge
+from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge, WorkerError
 from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
-from shared.mapping import WorkerSpec
+from shared.mapping import MoleMapping, WorkerSpec
 from shared.schemas import (
     BatchItemError,
+    ChatTurn,
     ClassifyBatchItem,
     ClassifyBatchRequest,
     ClassifyBatchResponse,
     ClassifyRequest,
     ClassifyResponse,
     InferRequest,
+    InferResponse,
 )
 from shared.settings import Settings
 
@@ -45,11 +48,107 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding options forwarded to the worker (``None``: the worker's default, greedy)."""
+    """Decoding options and earlier turns forwarded to the worker (``None``: the worker's
+    default, greedy) by the chat layer."""
 
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    history: tuple[ChatTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A validated, routed request, ready to dispatch."""
+
+    request_id: str
+    decision: RouteDecision
+    infer: InferRequest
+    prefer_merged: bool
+    deadline: float
+    route_ms: float
+
+    def response(
+        self,
+        worker_id: str,
+        answer: InferResponse,
+        *,
+        path: list[str],
+        degraded: bool,
+        timings_ms: dict[str, float],
+    ) -> ClassifyResponse:
+        """The ``/classify`` answer once the worker answered."""
+        d = self.decision
+        return ClassifyResponse(
+            request_id=self.request_id,
+            adapter=d.adapter,
+            label=d.label,
+            confidence=d.confidence,
+            routed_by=d.routed_by,
+            worker_id=worker_id,
+            mode=answer.mode,
+            output=answer.output,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.tokens_generated,
+            routing_path=[*d.path, *path],
+            degraded=degraded,
+            top_k=d.top_k,
+            timings_ms=timings_ms,
+        )
+
+
+class ClassifyStream:
+    """A streamed classify whose first token came: :meth:`events`, then :attr:`classified`."""
+
+    def __init__(
+        self,
+        service: CoordinatorService,
+        plan: Planned,
+        served: StreamDispatched,
+        router_version: str,
+        t0: float,
+    ):
+        self.plan = plan
+        self.adapter = plan.decision.adapter
+        self.router_version = router_version
+        self.classified: Classified | None = None  # set once the final answer came
+        self._service = service
+        self._served = served
+        self._t0 = t0
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The answer's text, piece by piece as the worker produces it. A worker error midway is
+        raised (as a ``MoleError``); at the end :attr:`classified` holds the whole answer."""
+        served = self._served
+        async for event in served.events:
+            if event.delta is not None:
+                yield event.delta
+            elif event.final is not None:
+                answer = event.final
+                response = self.plan.response(
+                    served.worker_id,
+                    answer,
+                    path=served.path,
+                    degraded=served.degraded,
+                    timings_ms={
+                        "route": self.plan.route_ms,
+                        "dispatch": served.dispatch_ms,
+                        "worker": float(answer.timings_ms.get("total", served.worker_ms)),
+                        "total": _ms(self._t0),
+                    },
+                )
+                self._service.stats.served(response)
+                self.classified = Classified(response, self.router_version, answer.tokens_generated)
+                return
+            elif event.error is not None:
+                error = event.error
+                raise WorkerError(
+                    f"worker {served.worker_id} failed midway: {error.message}",
+                    worker=served.worker_id,
+                    worker_code=error.code,
+                )
+        raise WorkerError(f"worker {served.worker_id} ended the stream without an answer")
 
 
 @dataclass
@@ -84,6 +183,7 @@ class CoordinatorService:
         self._client = client
         self.pixels = PixelBudget(settings.max_pixels_in_flight)  # decoded images held for routing
         self._prober: asyncio.Task[None] | None = None
+        self.started = int(time.time())  # the OpenAI "created" of every model served
         active.on_swap = dispatcher.update
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -150,8 +250,13 @@ class CoordinatorService:
         return self.metrics.registry
 
     def adapter_names(self) -> list[str]:
-        """Every adapter of the mapping in force, sorted."""
-        return sorted(self.active.current.mapping.adapters)
+        """Every adapter served: the mapping's, the base model when served, and those the workers
+        discovered on their volumes, sorted."""
+        mapping = self.active.current.mapping
+        names = set(mapping.adapters) | self.dispatcher.discovered()
+        if mapping.serve_base_as is not None:
+            names.add(mapping.serve_base_as)
+        return sorted(names)
 
     def workers_view(self) -> list[dict[str, Any]]:
         """``GET /workers`` rows."""
@@ -172,10 +277,6 @@ class CoordinatorService:
     def stats_snapshot(self) -> dict[str, Any]:
         return self.stats.snapshot(self.active.current.mapping.router.shadow)
 
-    async def count_prompt_tokens(self, prompt: str) -> int:
-        """Tokens of ``prompt`` in the base tokenizer (the text only, not the image)."""
-        return await asyncio.to_thread(self.active.current.router.count_tokens, prompt)
-
     # ---- classify ------------------------------------------------------------------------------
     async def classify(
         self, req: ClassifyRequest, request_id: str, *, sampling: Sampling | None = None
@@ -191,56 +292,18 @@ class CoordinatorService:
     async def _classify(
         self, active: Active, req: ClassifyRequest, request_id: str, sampling: Sampling, t0: float
     ) -> Classified:
-        s = self.settings
-        deadline = time.monotonic() + s.request_timeout_s
-        mapping = active.mapping
-        check_text_limits(s, req.prompt, req.max_new_tokens)
-        explicit = mapping.adapter_for(req.expert) if req.expert is not None else None
-        scores = None
-        if explicit is None or mapping.router.shadow:
-            pixels = await asyncio.to_thread(self._pixels_of, req)
-            with self.pixels.hold(pixels):  # the decoded image lives for the routing forward only
-                image = await asyncio.to_thread(
-                    decode_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
-                )
-                try:
-                    scores = await active.router.score(image, active.config, deadline=deadline)
-                finally:
-                    del image
-        else:  # the worker decodes it; check it here so that a bad image fails before dispatch
-            await asyncio.to_thread(self._pixels_of, req)
-        decision = decide(mapping, scores, explicit)
-        route_ms = _ms(t0)
-        self.stats.route(decision, shadow=mapping.router.shadow)
-
-        infer = InferRequest(
-            image_b64=req.image_b64,  # forwarded as received; the worker decodes it itself
-            prompt=req.prompt,
-            adapter=decision.adapter,
-            max_new_tokens=req.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-        )
-        prefer = req.prefer_merged if req.prefer_merged is not None else mapping.dispatch.prefer_merged
+        plan = await self._plan(active, req, request_id, sampling, t0)
         served = await self.dispatcher.dispatch(
-            infer, prefer_merged=prefer, request_id=request_id, deadline=deadline
+            plan.infer, prefer_merged=plan.prefer_merged, request_id=request_id, deadline=plan.deadline
         )
         answer = served.response
-        response = ClassifyResponse(
-            request_id=request_id,
-            adapter=decision.adapter,
-            label=decision.label,
-            confidence=decision.confidence,
-            routed_by=decision.routed_by,
-            worker_id=served.worker_id,
-            mode=answer.mode,
-            output=answer.output,
-            routing_path=[*decision.path, *served.path],
+        response = plan.response(
+            served.worker_id,
+            answer,
+            path=served.path,
             degraded=served.degraded,
-            top_k=decision.top_k,
             timings_ms={
-                "route": route_ms,
+                "route": plan.route_ms,
                 "dispatch": served.dispatch_ms,
                 "worker": float(answer.timings_ms.get("total", served.worker_ms)),
                 "total": _ms(t0),
@@ -249,9 +312,91 @@ class CoordinatorService:
         self.stats.served(response)
         return Classified(response, active.router.version, answer.tokens_generated)
 
-    def _pixels_of(self, req: ClassifyRequest) -> int:
+    @contextlib.asynccontextmanager
+    async def classify_stream(
+        self, req: ClassifyRequest, request_id: str, *, sampling: Sampling | None = None
+    ) -> AsyncIterator[ClassifyStream]:
+        """:meth:`classify`, streamed: validate, route, and wait for the first token (errors until
+        then are raised, as :meth:`classify` raises them); the block reads the events. Leaving the
+        block early (a client gone) frees the worker's slot and stops its row."""
+        t0 = time.perf_counter()
+        active = self.active.current
+        try:
+            plan = await self._plan(active, req, request_id, sampling or Sampling(), t0)
+            opened = self.dispatcher.stream(
+                plan.infer, prefer_merged=plan.prefer_merged, request_id=request_id, deadline=plan.deadline
+            )
+            served = await opened.__aenter__()
+        except MoleError as exc:
+            self.stats.failed(exc.code, exc.status, request_id, _ms(t0))
+            raise
+        try:
+            yield ClassifyStream(self, plan, served, active.router.version, t0)
+        except BaseException as exc:
+            if not await opened.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await opened.__aexit__(None, None, None)
+
+    def resolve_expert(self, mapping: MoleMapping, expert: str | int) -> str:
+        """An explicit ``expert``: an adapter or label of the mapping, the served base model, or an
+        adapter a worker discovered on its volume (by name). ``AdapterNotFound`` otherwise."""
+        try:
+            return mapping.adapter_for(expert)
+        except AdapterNotFound as exc:
+            name = str(expert).strip()
+            if name in self.dispatcher.discovered():
+                return name
+            exc.details["discovered"] = sorted(self.dispatcher.discovered())
+            raise
+
+    async def _plan(
+        self, active: Active, req: ClassifyRequest, request_id: str, sampling: Sampling, t0: float
+    ) -> Planned:
         s = self.settings
-        return image_pixels(req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        deadline = time.monotonic() + s.request_timeout_s
+        mapping = active.mapping
+        check_text_limits(s, req.prompt, None)  # the answer's cap is the adapter's: the worker checks it
+        explicit = self.resolve_expert(mapping, req.expert) if req.expert is not None else None
+        scores = None
+        if req.image_b64 is None:
+            decision = text_only_decision(mapping, explicit)
+        else:
+            # header-only check first, so that a bad or oversized image fails before any decoding
+            pixels = await asyncio.to_thread(self._pixels_of, req.image_b64)
+            if explicit is None or mapping.router.shadow:
+                with self.pixels.hold(pixels):  # the decoded image lives for the routing forward only
+                    image = await asyncio.to_thread(
+                        decode_image,
+                        req.image_b64,
+                        max_bytes=s.max_image_bytes,
+                        max_pixels=s.max_image_pixels,
+                    )
+                    try:
+                        scores = await active.router.score(image, active.config, deadline=deadline)
+                    finally:
+                        del image
+            decision = decide(mapping, scores, explicit)
+        route_ms = _ms(t0)
+        self.stats.route(decision, shadow=mapping.router.shadow)
+        infer = InferRequest(
+            image_b64=req.image_b64,  # forwarded as received; the worker decodes it itself
+            prompt=req.prompt,
+            adapter=decision.adapter,
+            system_prompt=req.system_prompt,
+            history=list(sampling.history),
+            stop=req.stop,
+            max_new_tokens=req.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        prefer = req.prefer_merged if req.prefer_merged is not None else mapping.dispatch.prefer_merged
+        return Planned(request_id, decision, infer, prefer, deadline, route_ms)
+
+    def _pixels_of(self, image_b64: str) -> int:
+        s = self.settings
+        return image_pixels(image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
 
     async def _check_request_pixels(self, req: ClassifyBatchRequest) -> None:
         """413 when the batch's images together exceed ``max_request_pixels`` (headers only, before
@@ -261,8 +406,10 @@ class CoordinatorService:
         def total() -> int:
             pixels = 0
             for item in req.items:
+                if item.image_b64 is None:
+                    continue
                 try:
-                    pixels += self._pixels_of(item)
+                    pixels += self._pixels_of(item.image_b64)
                 except MoleError:
                     continue
             return pixels

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from shared.mapping import MoleMapping
     from shared.settings import Settings
 
 logger = logging.getLogger("mole")
@@ -169,8 +170,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.mapping}: {exc}", file=sys.stderr)
         return 1
     print(mapping.format_routing_table())
+    print(_router_scoring(mapping))
     print(f"\n{args.mapping}: OK ({len(mapping.adapters)} adapters, {len(mapping.workers)} workers)")
     return 0
+
+
+def _router_scoring(mapping: MoleMapping) -> str:
+    """What the router scores: each label's full token sequence (in the base tokenizer when the
+    base model folder is here), in one forward plus one for labels of several tokens."""
+    labels = mapping.router.ordered_labels()
+    head = f"router: {len(labels)} labels, each scored as its full token sequence"
+    if not (Path(mapping.base_model) / "config.json").is_file():
+        return f"{head} (base model not here: token counts not checked)"
+    from transformers import AutoTokenizer
+
+    from shared.scoring import label_sequences
+
+    try:
+        seqs = label_sequences(AutoTokenizer.from_pretrained(mapping.base_model), labels)
+    except ValueError as exc:
+        return f"{head}; cannot score: {exc}"
+    shortest, longest = min(len(seq) for seq in seqs), max(len(seq) for seq in seqs)
+    passes = "one forward" if longest == 1 else "one forward for the prompt, one for the labels' later tokens"
+    return f"{head}: {shortest} to {longest} tokens each ({passes})"
 
 
 # ---- services -------------------------------------------------------------------------------

@@ -358,6 +358,70 @@ def write_demo_mapping(out: Path, recipe: Recipe, base_port: int = BASE_PORT) ->
     return path
 
 
+MANY_LABELS_VERSION = 1  # bump when the many-label router's recipe changes
+MANY_LABELS_STEPS = 240  # training steps of the many-label router
+
+
+def many_labels() -> list[str]:
+    """The many-label demo router's labels: one per (screen kind, accent colour), e.g.
+    ``"calendar-red"``: 16 labels of several tokens each, aliases of the four experts."""
+    return [f"{kind}-{color}" for kind in synthetic.KINDS for color in synthetic.COLORS]
+
+
+def build_many_label_router(assets: Path, out: Path, *, log: Callable[[str], None] = print) -> Path:
+    """A router trained on :func:`many_labels` over the demo base, in its own cached folder
+    ``out`` (the demo recipe is untouched), and ``out/mapping.json``: every label an alias adapter
+    of its kind's expert LoRA, all held by one dynamic worker. Returns the mapping's path.
+
+    Used to prove that the router scores multi-token labels and more than ten of them.
+    """
+    out = Path(out).resolve()
+    stamp = out / "assets.json"
+    key = {
+        "version": MANY_LABELS_VERSION,
+        "steps": MANY_LABELS_STEPS,
+        "labels": many_labels(),
+        "demo": json.loads((Path(assets) / "assets.json").read_text())["recipe"],
+    }
+    mapping = out / "mapping.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return mapping
+    if out.exists():
+        shutil.rmtree(out)
+    recipe = Recipe()
+    base = Path(assets).resolve() / "base"
+    train = synthetic.make_samples(recipe.train_samples, seed=recipe.seed + 1)
+    log(f"training a {len(key['labels'])}-label router ({MANY_LABELS_STEPS} steps)")
+    router = out / "router" / "adapter"
+    rows = [(s.image, ROUTER_PROMPT, f"{s.kind}-{s.color}") for s in train]
+    train_lora(base, router, rows, recipe, MANY_LABELS_STEPS, recipe.seed + 30)
+    adapters = {
+        label: {
+            "label": label,
+            "lora": str(Path(assets).resolve() / "loras" / label.split("-")[0] / "adapter"),
+        }
+        for label in many_labels()
+    }
+    doc = {
+        "version": 1,
+        "base_model": str(base),
+        "coordinator": {"url": f"http://127.0.0.1:{BASE_PORT}"},
+        "router": {"adapter": str(router), "prompt": ROUTER_PROMPT, "labels": {a: a for a in adapters}},
+        "adapters": adapters,
+        "workers": [
+            {
+                "id": "dynamic-0",
+                "url": f"http://127.0.0.1:{BASE_PORT + 1}",
+                "mode": "dynamic",
+                "adapters": list(adapters),
+            }
+        ],
+    }
+    mapping.write_text(json.dumps(doc, indent=2) + "\n")
+    stamp.write_text(json.dumps({"key": key}, indent=2) + "\n")
+    return mapping
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for copies of the demo mapping in tests and benchmarks)."""
     import socket

@@ -35,6 +35,7 @@ from coordinator.backends import (
     AttemptFailed,
     AttemptTimedOut,
     CallContext,
+    EventStream,
     Failure,
     Probe,
     probe_of,
@@ -81,20 +82,36 @@ class InProcessBackend:
         self.worker_id = service.spec.id
         self.service = service
 
-    async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
-        deadline = time.monotonic() + call.timeout_s
+    @contextlib.asynccontextmanager
+    async def _outcomes(self, call: CallContext) -> AsyncIterator[None]:
+        """The worker's exceptions as the outcomes an HTTP worker's answers would be."""
         try:
             async with asyncio.timeout(call.timeout_s):
-                return await self.service.infer(request, deadline=deadline)
+                yield
         except TimeoutError:
             raise AttemptTimedOut(f"no answer within {call.timeout_s:.1f}s") from None
         except MoleError as exc:
-            return read_error(self.worker_id, exc)
+            read_error(self.worker_id, exc)  # raises: a typed error is never an answer
         except Exception:  # what the worker's HTTP layer would answer as a 500
             logger.exception(
                 "in-process worker failed", extra={"worker_id": self.worker_id, "request_id": call.request_id}
             )
             raise AttemptFailed(Failure.HTTP_500) from None
+
+    async def infer(self, request: InferRequest, call: CallContext) -> InferResponse:
+        async with self._outcomes(call):
+            return await self.service.infer(request, deadline=time.monotonic() + call.timeout_s)
+        raise AssertionError("unreachable")  # _outcomes re-raises every failure
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: InferRequest, call: CallContext) -> AsyncIterator[EventStream]:
+        async with self._outcomes(call):  # until the first token, like an HTTP worker's status
+            opened = await self.service.open_stream(request, deadline=time.monotonic() + call.timeout_s)
+        events = opened.events()
+        try:
+            yield events
+        finally:
+            await events.aclose()
 
     async def health(self) -> Probe:
         return probe_of(self.service.ready_body())

@@ -6,8 +6,11 @@ from shared.errors import InvalidInput, PayloadTooLarge
 from shared.settings import Settings
 
 
-def check_text_limits(settings: Settings, prompt: str, max_new_tokens: int | None) -> None:
-    """413 for a prompt over ``max_prompt_chars``; 400 for ``max_new_tokens`` over the cap.
+def check_text_limits(
+    settings: Settings, prompt: str, max_new_tokens: int | None, *, cap: int | None = None
+) -> None:
+    """413 for a prompt over ``max_prompt_chars``; 400 for ``max_new_tokens`` over the cap
+    (``cap``, else ``settings.max_new_tokens_cap``).
 
     Both errors name the field and the limit (``field``/``limit`` in the error body).
     """
@@ -17,9 +20,10 @@ def check_text_limits(settings: Settings, prompt: str, max_new_tokens: int | Non
             field="prompt",
             limit=settings.max_prompt_chars,
         )
-    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_cap:
+    limit = cap if cap is not None else settings.max_new_tokens_cap
+    if max_new_tokens is not None and max_new_tokens > limit:
         raise InvalidInput(
-            f"max_new_tokens={max_new_tokens} exceeds the cap of {settings.max_new_tokens_cap}",
+            f"max_new_tokens={max_new_tokens} exceeds the cap of {limit}",
             field="max_new_tokens",
-            limit=settings.max_new_tokens_cap,
+            limit=limit,
         )

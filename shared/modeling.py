@@ -18,11 +18,13 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.decoding import FinishReason, TokenSink
 from shared.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -214,12 +216,31 @@ def memory_in_use(device: str) -> str:
     return ", ".join(parts)
 
 
-def build_messages(prompt: str, system_prompt: str | None = None, answer: str | None = None) -> list[dict]:
-    """Chat messages for one image + one prompt (optionally a system prompt and the answer)."""
+@dataclass(frozen=True)
+class Turn:
+    """An earlier turn of a conversation, rendered through the chat template before the prompt."""
+
+    role: str  # "system", "user" or "assistant"
+    text: str
+
+
+def build_messages(
+    prompt: str,
+    system_prompt: str | None = None,
+    answer: str | None = None,
+    *,
+    history: Sequence[Turn] = (),
+    image: bool = True,
+) -> list[dict]:
+    """Chat messages for one prompt: the system prompt, earlier turns, then the user turn holding
+    the image (when ``image``) and the prompt (optionally followed by the answer)."""
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    for turn in history:
+        messages.append({"role": turn.role, "content": [{"type": "text", "text": turn.text}]})
+    user: list[dict] = [{"type": "image"}] if image else []
+    messages.append({"role": "user", "content": [*user, {"type": "text", "text": prompt}]})
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
@@ -257,16 +278,25 @@ def neutralise_special_tokens(tokenizer: Any, text: str) -> str:
     return pattern.sub(lambda m: m.group(0)[0] + NEUTRALISER + m.group(0)[1:], text)
 
 
-def render_prompt(processor: Any, prompt: str, system_prompt: str | None = None) -> str:
-    """The chat-templated text of a user turn, ending where the assistant's answer starts.
+def render_prompt(
+    processor: Any,
+    prompt: str,
+    system_prompt: str | None = None,
+    *,
+    history: Sequence[Turn] = (),
+    image: bool = True,
+) -> str:
+    """The chat-templated text of a conversation, ending where the assistant's answer starts.
 
-    ``prompt`` is client text: its special tokens are neutralised (:func:`neutralise_special_tokens`);
-    ``system_prompt`` comes from the mapping and is used as written.
+    ``prompt`` and the ``history`` turns are client text: their special tokens are neutralised
+    (:func:`neutralise_special_tokens`). ``system_prompt`` is used as written: callers pass the
+    mapping's, or neutralise a client's first.
     """
-    prompt = neutralise_special_tokens(processor.tokenizer, prompt)
-    return processor.apply_chat_template(
-        build_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=False
-    )
+    tokenizer = processor.tokenizer
+    prompt = neutralise_special_tokens(tokenizer, prompt)
+    history = [Turn(t.role, neutralise_special_tokens(tokenizer, t.text)) for t in history]
+    messages = build_messages(prompt, system_prompt, history=history, image=image)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def image_size(
@@ -309,7 +339,7 @@ def max_visual_tokens(processor: Any, max_pixels: int | None) -> int:
 
 def encode_batch(
     processor: Any,
-    images: Sequence[Image],
+    images: Sequence[Image | None],
     texts: Sequence[str],
     device: str,
     *,
@@ -318,15 +348,18 @@ def encode_batch(
 ) -> dict:
     """Tokenize templated texts with their images into one left-padded batch on ``device``.
 
-    ``max_pixels`` / ``min_pixels`` set the image budget instead of the checkpoint's (see
-    :func:`image_size`). An
+    A row whose image is None is text only (its text holds no image placeholder). ``max_pixels`` /
+    ``min_pixels`` set the image budget instead of the checkpoint's (see :func:`image_size`). An
     image the image processor cannot handle (e.g. an extreme aspect ratio) raises
     :class:`~shared.errors.InvalidInput` naming ``image_b64``.
     """
     size = image_size(processor, max_pixels, min_pixels)
     extra: dict[str, Any] = {"size": size} if size is not None else {}
     try:
-        batch = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True, **extra)
+        present = [im for im in images if im is not None]  # the processor takes them in text order
+        batch = processor(
+            text=list(texts), images=present or None, return_tensors="pt", padding=True, **extra
+        )
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"image_b64: the model's image processor rejected the image: {exc}") from exc
     return {k: v.to(device) for k, v in batch.items()}
@@ -348,41 +381,78 @@ class GenerationParams:
 @dataclass(frozen=True)
 class Generated:
     text: str
-    tokens: int  # generated tokens
-    prompt_tokens: int = 0  # the row's prompt, its visual tokens included
+    tokens: int  # generated tokens, the end-of-sequence token included
+    finish_reason: FinishReason = "stop"  # "length": the row's limit cut the answer
+    prompt_tokens: int = 0  # the row's prompt as the model saw it, image tokens included
     image_tokens: int = 0  # visual tokens of the row's image
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """What one row of a batch asks beyond the batch's decoding setting."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    sink: TokenSink | None = None  # streams the row's text as it is generated
+    cancelled: threading.Event | None = None  # set when nobody waits for the row any more
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``), when it states one."""
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def generate(
     model: Any,
     processor: Any,
-    images: Sequence[Image],
+    images: Sequence[Image | None],
     texts: Sequence[str],
     params: GenerationParams,
     *,
     adapter_names: Sequence[str] | None = None,
     seed: int | None = None,
-    row_max_new_tokens: Sequence[int] | None = None,
+    rows: Sequence[RowOptions] | None = None,
     max_pixels: int | None = None,
     min_pixels: int | None = None,
-    row_cancelled: Sequence[Callable[[], bool]] | None = None,
 ) -> list[Generated]:
-    """Generate for a batch of (image, templated text) rows; one decoding setting for the batch.
+    """Generate for a batch of (image or None, templated text) rows; one decoding setting for the batch.
 
     ``adapter_names`` selects a PEFT adapter per row (mixed-adapter batch); rows with
-    ``"__base__"`` use the base model. ``row_max_new_tokens`` cuts each row at its own limit
-    (the batch runs to ``params.max_new_tokens``), so under greedy decoding a row's output is the
-    one it would get alone with its own limit. ``max_pixels`` / ``min_pixels``: the image budget
-    (see :func:`image_size`). ``row_cancelled`` (one check per row) stops a row whose caller has
-    gone: it is finished at the next token, and the generation ends when every row is finished.
+    ``"__base__"`` use the base model. ``rows`` gives each row its own limit, stop strings, token
+    sink and cancellation (:mod:`shared.decoding`); a row ends at its own limit, so under greedy
+    decoding its output is the one it would get alone with its own limit. Every row's limit is also
+    capped by the model's context (prompt + answer); a prompt that fills it is ``InvalidInput``.
+    ``max_pixels`` / ``min_pixels``: the image budget (see :func:`image_size`).
     """
     import torch
 
+    from shared.decoding import RowDecoder, RowTracker, tracker_criteria
+
     device = str(next(model.parameters()).device)
     batch = encode_batch(processor, images, texts, device, max_pixels=max_pixels, min_pixels=min_pixels)
+    options = list(rows) if rows is not None else [RowOptions(params.max_new_tokens)] * len(texts)
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
     image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
-    kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+    context = context_length(model)
+    tokenizer = processor.tokenizer
+    eos_ids = frozenset(_eos_ids(model, tokenizer))
+
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    decoders = []
+    for opt, used in zip(options, prompt_tokens, strict=True):
+        limit = opt.max_new_tokens if context is None else min(opt.max_new_tokens, context - int(used))
+        if limit < 1:
+            raise InvalidInput(
+                f"prompt: {used} tokens (image included) leave no room in the model's context of {context}"
+            )
+        decoders.append(RowDecoder(decode, eos_ids, limit, opt.stop, opt.sink, opt.cancelled))
+    tracker = RowTracker(decoders, batch["input_ids"].shape[1])
+    kwargs: dict[str, Any] = {"max_new_tokens": max(d.limit for d in decoders)}
     if params.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -391,39 +461,18 @@ def generate(
             torch.manual_seed(seed)
     if adapter_names is not None:
         kwargs["adapter_names"] = list(adapter_names)
-    if row_cancelled is not None:
-        kwargs["stopping_criteria"] = _cancelled_rows(row_cancelled)
-    tokenizer = processor.tokenizer
     with torch.inference_mode():
-        out = model.generate(**batch, **kwargs, pad_token_id=tokenizer.pad_token_id)
-    new_tokens = out[:, batch["input_ids"].shape[1] :]
-    eos_ids = _eos_ids(model, tokenizer)
-    limits = (
-        list(row_max_new_tokens) if row_max_new_tokens is not None else [params.max_new_tokens] * len(texts)
-    )
-    results = []
-    rows = zip(new_tokens.tolist(), limits, prompt_tokens, image_tokens, strict=True)
-    for row, limit, n_prompt, n_image in rows:
-        count = 0
-        for tok in row[:limit]:
-            count += 1
-            if tok in eos_ids:
-                break
-        text = tokenizer.decode(row[:count], skip_special_tokens=True)
-        results.append(Generated(text.strip(), count, int(n_prompt), int(n_image)))
-    return results
-
-
-def _cancelled_rows(checks: Sequence[Callable[[], bool]]) -> Any:
-    """A stopping criterion that finishes the rows whose check says their caller has gone."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class CancelledRows(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.tensor([check() for check in checks], dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([CancelledRows()])
+        out = model.generate(
+            **batch,
+            **kwargs,
+            stopping_criteria=[tracker_criteria(tracker)],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    tracker.step(out)  # tokens of the last step, if generate ended before asking the criteria
+    return [
+        Generated(d.finish(), d.tokens, d.finish_reason, int(used), int(n_image))
+        for d, used, n_image in zip(decoders, prompt_tokens, image_tokens, strict=True)
+    ]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -459,7 +508,8 @@ def next_token_logits(
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[int]:
-    """The single token id of each router label; a label that is not one token is a ``ValueError``."""
+    """The single token id of each router label; a label that is not one token is a ``ValueError``
+    (tools that score only single-token labels; the router scores any: :mod:`shared.scoring`)."""
     ids = []
     for label in labels:
         encoded = tokenizer.encode(label, add_special_tokens=False)

@@ -82,8 +82,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=8_000_000, ge=1)  # decoded image bytes
     max_image_pixels: int = Field(default=16_000_000, ge=1)  # width * height, checked before decoding
     max_prompt_chars: int = Field(default=4096, ge=1)  # prompt length in characters
-    max_new_tokens_cap: int = Field(default=256, ge=1)  # hard cap on generated tokens per request
-    default_max_new_tokens: int = Field(default=48, ge=1)  # when neither request nor adapter sets it
+    max_new_tokens_cap: int = Field(default=1024, ge=1)  # longest answer unless the adapter sets its own cap
+    default_max_new_tokens: int | None = Field(
+        default=None, ge=1
+    )  # when neither request nor adapter sets it; None: the cap
     max_body_bytes: int = Field(default=12_000_000, ge=1)  # HTTP request body size
     max_request_pixels: int = Field(
         default=64_000_000, ge=1
@@ -100,6 +102,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0)  # batch fill-up wait, only while requests overlap
     max_queue: int = Field(default=64, ge=1)  # queued requests before answering 429
     max_waiting: int = Field(default=256, ge=1)  # coordinator: requests waiting for a worker slot
+    discover_interval_s: float = Field(default=2.0, ge=0)  # dynamic workers look for new adapters; 0: never
     # timeouts
     request_timeout_s: float = Field(default=60.0, gt=0)  # end-to-end budget of one request
     drain_timeout_s: float = Field(default=20.0, ge=0)  # graceful shutdown waits this long for in-flight
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
                 f"pixel limits must satisfy max_image_pixels ({self.max_image_pixels}) <= max_request_pixels "
                 f"({self.max_request_pixels}) <= max_pixels_in_flight ({self.max_pixels_in_flight})"
             )
-        if self.default_max_new_tokens > self.max_new_tokens_cap:
+        if self.default_max_new_tokens is not None and self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                 f"max_new_tokens_cap ({self.max_new_tokens_cap})"

@@ -31,3 +31,12 @@ def realformat() -> Path:
     from realformat import build_realformat
 
     return build_realformat(_assets_cache().parent / "realformat")
+
+
+@pytest.fixture(scope="session")
+def many_label_mapping(demo_assets: Path) -> Path:
+    """A mapping whose router was trained on 16 multi-token labels (aliases of the demo experts),
+    cached in its own folder next to the demo assets (see ``build_many_label_router``)."""
+    from mole.demo_assets import build_many_label_router
+
+    return build_many_label_router(demo_assets, _assets_cache().parent / "many_labels", log=lambda _m: None)

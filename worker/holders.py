@@ -22,31 +22,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shared.decoding import TokenSink
 from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError, UnprocessableRequest
-from shared.mapping import MoleMapping, WorkerSpec
+from shared.mapping import MoleMapping, WorkerSpec, discover_adapters
 from shared.modeling import (
     METADATA_FILE,
     Generated,
     GenerationParams,
+    RowOptions,
     generate,
     load_model,
     load_processor,
+    sha256_dir,
     weights_hash,
 )
 
 logger = logging.getLogger(__name__)
 
 
+BASE_ADAPTER = "__base__"  # PEFT's per-row name for "no adapter" (never a valid adapter name)
+
+
 @dataclass(frozen=True)
 class Row:
-    """One request as the compute thread sees it: decoded image, templated text, decoding settings."""
+    """One request as the compute thread sees it: decoded image (None: text only), templated text,
+    decoding settings, stop strings, and for a streamed request its token sink and cancellation."""
 
     image: Any
     text: str
     adapter: str
     params: GenerationParams
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    sink: TokenSink | None = field(default=None, compare=False)  # streams the row's text
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)  # caller gone
+
+    def options(self) -> RowOptions:
+        return RowOptions(self.params.max_new_tokens, self.stop, self.sink, self.cancelled)
 
     @property
     def batch_key(self) -> tuple:
@@ -129,6 +141,10 @@ class ModelHolder(ABC):
             return False
         return True
 
+    def undiscovered(self, *, settled: bool) -> dict[str, Path]:
+        """Adapters on the volume not loaded yet (only dynamic workers discover any)."""
+        return {}
+
     def add_adapter(self, name: str, path: Path) -> str:
         raise InvalidInput(f"a {self.mode} worker cannot load adapters; only dynamic workers can")
 
@@ -150,10 +166,9 @@ class ModelHolder(ABC):
             params,
             adapter_names=adapter_names,
             seed=first.seed,
-            row_max_new_tokens=[r.params.max_new_tokens for r in rows],
+            rows=[r.options() for r in rows],
             max_pixels=self.spec.max_pixels,
             min_pixels=self.spec.min_pixels,
-            row_cancelled=[r.cancelled.is_set for r in rows],
         )
 
 
@@ -187,6 +202,7 @@ class DynamicHolder(ModelHolder):
         super().__init__(spec, mapping, device=device, dtype=dtype)
         self._peft_names: dict[str, str] = {}  # served name -> adapter name inside the PEFT model
         self._loads = 0  # hot loads so far (internal names are unique)
+        self._pending: dict[str, tuple] = {}  # discovered folder -> its files at the last look
 
     def adapter_paths(self) -> dict[str, Path]:
         """The adapters to load at start-up: the mapping's, then any discovered on the volume."""
@@ -210,10 +226,43 @@ class DynamicHolder(ModelHolder):
             self._hashes[name] = weights_hash(path)
             self._peft_names[name] = name
         self.model.eval()
+        if self.base_name is not None:  # the base model itself, served under a name of the mapping
+            self._hashes[self.base_name] = sha256_dir(self.model_path, ("config.json",))
         logger.info("dynamic worker loaded %d adapters: %s", len(items), ", ".join(paths))
 
+    @property
+    def base_name(self) -> str | None:
+        """The name the base model (no adapter) is served under, or None (mapping ``serve_base_as``)."""
+        return self.mapping.serve_base_as
+
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
-        return self._run(rows, [self._peft_names[r.adapter] for r in rows])
+        names = [BASE_ADAPTER if r.adapter == self.base_name else self._peft_names[r.adapter] for r in rows]
+        return self._run(rows, names)
+
+    # ---- adapters dropped on the volume -----------------------------------------------------
+    def undiscovered(self, *, settled: bool) -> dict[str, Path]:
+        """Adapters in the ``discover`` folder that are not loaded yet (complete folders only).
+
+        With ``settled``, only folders whose files did not change since the previous call (a copy
+        in progress is not loaded half-written); without it, every complete folder.
+        """
+        if self.spec.discover is None:
+            return {}
+        router_dir = Path(self.mapping.router.adapter).resolve()
+        found = {
+            name: Path(path)
+            for name, path in discover_adapters(self.spec.discover).items()
+            if name not in self._hashes
+            and name != self.base_name
+            and Path(path).resolve() != router_dir
+            and _complete_adapter(Path(path))
+        }
+        if not settled:
+            return found
+        signatures = {name: _signature(path) for name, path in found.items()}
+        ready = {n: found[n] for n, sig in signatures.items() if self._pending.get(n) == sig}
+        self._pending = {n: sig for n, sig in signatures.items() if n not in ready}
+        return ready
 
     def add_adapter(self, name: str, path: Path) -> str:
         """Load (or replace) adapter ``name`` from ``path``; in-flight batches finish first.
@@ -249,6 +298,8 @@ class DynamicHolder(ModelHolder):
         return digest
 
     def remove_adapter(self, name: str) -> None:
+        if name == self.base_name:
+            raise InvalidInput(f"{name!r} is the base model; it cannot be unloaded")
         with self._lock:
             if name not in self._hashes:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded", adapters=sorted(self._hashes))
@@ -314,6 +365,20 @@ def check_adapter_folder(path: Path) -> dict[str, Any]:
             field="path",
         )
     return config
+
+
+def _complete_adapter(path: Path) -> bool:
+    """A PEFT adapter folder with its config and weights."""
+    return (path / "adapter_config.json").is_file() and any(
+        (path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
+    )
+
+
+def _signature(path: Path) -> tuple:
+    """The folder's files with sizes and modification times (unchanged: the copy is finished)."""
+    return tuple(
+        sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    )
 
 
 def _checkpoint_hash(path: Path) -> str:

@@ -63,6 +63,12 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        self.abandoned = Counter(
+            "mole_worker_streams_abandoned",
+            "Streamed requests whose client left before the end (their rows stop at the next token)",
+            ["adapter"],
+            registry=r,
+        )
         self.ready = Gauge("mole_worker_ready", "1 when the model is loaded and warmed", registry=r)
         self.cancelled = Counter(
             "mole_worker_cancelled_requests",

@@ -6,15 +6,18 @@ With ``MOLE_WORKER_TOKEN`` set every route but health needs it (``/info`` names 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from shared.errors import InvalidInput
 from shared.http import metrics_response
 from shared.schemas import (
     DEADLINE_HEADER,
+    NDJSON,
     AdapterInfo,
     InferRequest,
     InferResponse,
@@ -45,6 +48,24 @@ async def infer(body: InferRequest, request: Request, service: Service) -> Infer
     return await service.infer(body, deadline=deadline)
 
 
+@router.post("/infer/stream", dependencies=[WorkerAuth])
+async def infer_stream(body: InferRequest, request: Request, service: Service) -> StreamingResponse:
+    """Newline-delimited :class:`InferStreamEvent` lines; the status is sent with the first token,
+    so everything that fails before it is an ordinary error answer."""
+    deadline = _deadline(request, service.settings.request_timeout_s)
+    stream = await service.open_stream(body, deadline=deadline)
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async with contextlib.aclosing(stream.events()) as events:
+                async for event in events:
+                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+        finally:  # the coordinator went away (or the stream ended): the row stops at its next token
+            stream.close()
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
 @router.get("/health/live")
 async def live() -> dict[str, str]:
     return {"status": "alive"}
@@ -72,6 +93,13 @@ async def metrics(service: Service) -> Response:
 @router.post("/adapters", response_model=AdapterInfo, dependencies=[WorkerAuth])
 async def load_adapter(body: LoadAdapterRequest, service: Service) -> AdapterInfo:
     return await service.load_adapter(body.name, body.path)
+
+
+@router.post("/adapters/rescan", response_model=list[AdapterInfo], dependencies=[WorkerAuth])
+async def rescan_adapters(service: Service) -> list[AdapterInfo]:
+    """Load every adapter folder dropped into the worker's ``discover`` folder (the poll does it
+    too, every ``MOLE_DISCOVER_INTERVAL_S``)."""
+    return await service.rescan()
 
 
 @router.delete("/adapters/{name}", dependencies=[WorkerAuth])

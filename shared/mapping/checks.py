@@ -44,7 +44,7 @@ def adapter_names_are_safe(m: MoleMapping) -> Iterator[str]:
 def adapter_labels_are_tokens(m: MoleMapping) -> Iterator[str]:
     for name, spec in m.adapters.items():
         if spec.label is not None and _bad_token(spec.label):
-            yield f'adapters "{name}": label "{spec.label}" must be a single token without whitespace'
+            yield f'adapters "{name}": label "{spec.label}" must be a non-empty string without whitespace'
 
 
 def adapter_labels_are_unique(m: MoleMapping) -> Iterator[str]:
@@ -85,7 +85,7 @@ def router_labels_match_adapters(m: MoleMapping) -> Iterator[str]:
     for label, name in m.router.labels.items():
         entry = f'router.labels "{label}"'
         if _bad_token(label):
-            yield f"{entry}: labels must be single tokens without whitespace"
+            yield f"{entry}: labels must be non-empty strings without whitespace"
         elif name not in m.adapters:
             yield f'{entry}: adapter "{name}" is not defined in "adapters"'
         elif (has := m.adapters[name].label) != label:
@@ -169,6 +169,18 @@ def dynamic_workers_hold_something(m: MoleMapping) -> Iterator[str]:
             yield f'{_worker_entry(i, w)}: a dynamic worker needs "adapters" or "discover"'
 
 
+def served_base_name_is_free(m: MoleMapping) -> Iterator[str]:
+    name = m.serve_base_as
+    if name is None:
+        return
+    if not ADAPTER_NAME.match(name):
+        yield f'serve_base_as "{name}": must match {ADAPTER_NAME_PATTERN}'
+    elif name in m.adapters or name in m.router.labels:
+        yield f'serve_base_as "{name}": already an adapter name or a router label'
+    if not any(w.mode == "dynamic" for w in m.workers):
+        yield f'serve_base_as "{name}": only dynamic workers serve the base model, and there is none'
+
+
 def monolithic_has_a_dynamic_worker(m: MoleMapping) -> Iterator[str]:
     if m.monolithic and not any(w.mode == "dynamic" for w in m.workers):
         yield "monolithic: needs a dynamic worker to run in the coordinator's process"
@@ -190,6 +202,7 @@ RULES: tuple[Rule, ...] = (
     merged_workers_hold_one_adapter_with_a_model,
     dynamic_workers_hold_something,
     every_adapter_is_held,
+    served_base_name_is_free,
     monolithic_has_a_dynamic_worker,
 )
 

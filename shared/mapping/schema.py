@@ -138,11 +138,11 @@ class CoordinatorSpec(_HasUrl):
 
 
 class RouterSpec(_Strict):
-    """The router LoRA and its label tokens; one forward + softmax over these labels routes a request."""
+    """The router LoRA and its labels; the labels' token sequences, scored in one batched pass, route a request."""
 
     adapter: str = Field(min_length=1)  # router LoRA folder
     prompt: str = Field(default="Which expert should handle this screen?", min_length=1)  # router question
-    labels: dict[str, str] = Field(min_length=1)  # label token -> adapter name
+    labels: dict[str, str] = Field(min_length=1)  # label (any number of tokens) -> adapter name
     thresholds: dict[str, float] = Field(default_factory=dict)  # "default" or a label -> min confidence
     fallback_adapter: str | None = None  # served when the top label is below threshold; None -> 422
     shadow: bool = False  # route and log, but serve the explicit/fallback choice
@@ -171,12 +171,15 @@ class AdapterSpec(_Strict):
     serves. Dispatch never reads it; which workers serve an adapter, and how, is the workers' list.
     """
 
-    label: str | None = None  # router label token; None: reachable only by explicit name
+    label: str | None = None  # router label; None: reachable only by explicit name
     lora: str = Field(min_length=1)  # PEFT adapter folder
     hot: bool = False  # has a merged checkpoint served by a merged worker (old files: "mode": "merged")
     merged: str | None = None  # merged standalone checkpoint folder (for merged workers)
-    system_prompt: str | None = None  # prepended as the system turn
-    max_new_tokens: int | None = Field(default=None, ge=1)  # per-adapter generation default
+    system_prompt: str | None = None  # the system turn when the request brings none
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default answer length of this adapter
+    max_new_tokens_cap: int | None = Field(
+        default=None, ge=1
+    )  # longest answer allowed (None: the worker's cap)
     description: str = ""  # free text for humans and /v1/models
 
     @model_validator(mode="before")
@@ -262,7 +265,7 @@ class MoleMapping(_Strict):
     :func:`~shared.mapping.load.parse_mapping`), which also check the invariants below.
 
     Invariants after loading: every router label maps to a defined adapter carrying that label and
-    vice versa; labels are unique single tokens; every adapter is held by at least one worker; every
+    vice versa; labels are unique strings without whitespace (any number of tokens); every adapter is held by at least one worker; every
     worker holds only defined adapters (exactly one when merged); worker ids and URLs are unique;
     every ``WorkerSpec.model`` is set; paths are absolute.
     """
@@ -277,6 +280,9 @@ class MoleMapping(_Strict):
         default_factory=DispatchPolicy, validation_alias=AliasChoices("dispatch", "routing")
     )  # old files: "routing"
     monolithic: bool = False  # coordinator and one dynamic worker in one process
+    serve_base_as: str | None = (
+        None  # name under which dynamic workers serve the base model itself (no adapter)
+    )
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -300,7 +306,7 @@ class MoleMapping(_Strict):
         """
         if not isinstance(name_or_label, bool):
             key = str(name_or_label).strip()
-            if key in self.adapters:
+            if key in self.adapters or (key and key == self.serve_base_as):
                 return key
             if key in self.router.labels:
                 return self.router.labels[key]
@@ -314,7 +320,10 @@ class MoleMapping(_Strict):
         )
 
     def workers_for(self, adapter: str) -> list[WorkerSpec]:
-        """Workers whose ``adapters`` list holds ``adapter``, in mapping order (empty if none)."""
+        """Workers whose ``adapters`` list holds ``adapter``, in mapping order (empty if none); the
+        base model's name (``serve_base_as``) is held by every dynamic worker."""
+        if adapter == self.serve_base_as:
+            return [w for w in self.workers if w.mode == "dynamic"]
         return [w for w in self.workers if adapter in w.adapters]
 
     def worker(self, worker_id: str) -> WorkerSpec:
@@ -384,6 +393,15 @@ class MoleMapping(_Strict):
             if fallback
             else "fallback adapter: none (requests below threshold answer 422)"
         )
+        if self.serve_base_as is not None:
+            dynamic = ", ".join(w.id for w in self.workers_for(self.serve_base_as))
+            lines.append(f"base model: served as {self.serve_base_as!r} by {dynamic} (by name only)")
+        for w in self.workers:
+            if w.discover is not None:
+                lines.append(
+                    f"discover: {w.id} serves every {w.discover}/<name>/adapter by name (expert, OpenAI "
+                    "model) without a mapping edit; the router routes only to adapters with a router label"
+                )
         return "\n".join(lines)
 
 

@@ -31,3 +31,15 @@ def test_bench_quick_batching_writes_report(demo_assets: Path, tmp_path: Path) -
     plot = out.parent / "bench_batching.png"
     assert plot.stat().st_size > 1000
     assert "](bench_batching.png)" in text
+
+
+def test_bench_quick_label_growth_reports_the_shared_prefix_saving(demo_assets: Path, tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    argv = ["--assets", str(demo_assets), "--quick", "--only", "label-growth", "--out", str(out)]
+
+    assert main([*argv, "--work", str(tmp_path / "work")]) == 0
+
+    text = out.read_text()
+    assert "## 8. Routing cost as router labels grow" in text
+    rows = re.findall(r"^\| (\d+) \| \d+–\d+ \| [\d.]+ \| [\d.]+ \| [\d.]+× \|", text, flags=re.M)
+    assert rows == ["4", "16", "64"]

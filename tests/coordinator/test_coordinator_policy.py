@@ -573,9 +573,9 @@ def test_chat_request_translates_to_classify() -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"stream": True}, "stream"),
+        ({"frequency_penalty": 0.7}, "frequency_penalty"),
         ({"n": 2}, "n"),
-        ({"messages": [{"role": "user", "content": "no image"}]}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "no user turn"}]}, "messages"),
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "t"}, HTTP_IMAGE]}]},
             "messages[0].content[1].image_url.url",

@@ -22,7 +22,7 @@ from mole import synthetic
 from mole.monolithic import inprocess_worker
 from mole.supervisor import ServiceProcess, Stack
 from shared.errors import ConfigError
-from shared.images import encode_image_b64
+from shared.images import encode_image_b64, image_to_data_url
 from shared.mapping import load_mapping
 from shared.modeling import weights_hash
 
@@ -91,6 +91,27 @@ def test_explicit_expert_skips_the_router(mono: Mono) -> None:
     assert by_name["mode"] == "dynamic" and synthetic.EXPERT_FORMATS["login"].match(by_name["output"])
     assert by_label["routed_adapter"] == "login" and by_label["task_output"] == by_name["output"]
     assert unknown.status_code == 404  # the router LoRA is never served as an expert
+
+
+def test_a_stream_from_the_in_process_worker_is_the_plain_answer(mono: Mono) -> None:
+    sample = next(s for s in synthetic.make_samples(4, seed=32) if s.kind == "desktop")
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": image_to_data_url(sample.image)}},
+            {"type": "text", "text": sample.prompt},
+        ],
+    }
+    body = {"model": "auto", "messages": [user]}
+    with mono.client() as client:
+        plain = client.post("/v1/chat/completions", json=body).json()
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"] and len(chunks) > 3
+    assert synthetic.EXPERT_FORMATS["desktop"].match(text) and chunks[-1]["model"] == "desktop"
 
 
 def test_workers_lists_the_in_process_worker_as_up(mono: Mono) -> None:

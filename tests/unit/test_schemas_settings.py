@@ -53,7 +53,7 @@ def test_api_keys_comma_separated_from_env(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_defaults_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().max_new_tokens_cap == 256 and Settings().api_key_set() == frozenset()
+    assert Settings().max_new_tokens_cap == 1024 and Settings().api_key_set() == frozenset()
     monkeypatch.setenv("MOLE_MAX_BATCH_SIZE", "4")
     monkeypatch.setenv("MOLE_TORCH_THREADS", "")  # empty counts as unset
     monkeypatch.setenv("MOLE_LOG_LEVEL", "debug")

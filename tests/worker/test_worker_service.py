@@ -89,7 +89,7 @@ def test_info_describes_the_worker(
     assert info["adapters"] == ["calendar", "claim", "desktop", "login"]
     assert Path(info["base_model"]) == (demo_assets / "base").resolve()
     assert (info["device"], info["dtype"]) == ("cpu", "float32")
-    assert info["max_batch_size"] == 8 and info["max_new_tokens_cap"] == 256
+    assert info["max_batch_size"] == 8 and info["max_new_tokens_cap"] == 1024
     info = httpx.get(f"{merged.url}/info").json()
     assert (info["mode"], info["adapters"]) == ("merged", ["calendar"])
 
@@ -174,9 +174,9 @@ def test_rejections_name_the_field_and_the_limit(dynamic: ServiceProcess) -> Non
     r = post({**request(sample, "login"), "prompt": "x" * 5000})
     assert r.status_code == 422 and "prompt" in r.json()["error"]["message"]
 
-    r = post(request(sample, "login", max_new_tokens=1000))
+    r = post(request(sample, "login", max_new_tokens=2000))
     assert r.status_code == 400
-    assert r.json()["error"]["field"] == "max_new_tokens" and "256" in r.json()["error"]["message"]
+    assert r.json()["error"]["field"] == "max_new_tokens" and "1024" in r.json()["error"]["message"]
 
     r = post(request(sample, "login", max_new_tokens=10**9))
     assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
