@@ -64,7 +64,8 @@ class OriginalServer:
     def load(self) -> None:
         from peft import PeftModel
 
-        from shared.modeling import label_token_ids, load_model, load_processor, render_prompt
+        from shared.checkpoints import load_model, load_processor
+        from shared.modeling import label_token_ids, render_prompt
 
         self.processor = load_processor(self.mapping.base_model)
         base = load_model(self.mapping.base_model, device=self.device, dtype=self.dtype)

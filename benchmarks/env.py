@@ -262,7 +262,8 @@ class BenchContext:
 def describe_model(ctx: BenchContext) -> dict[str, str]:
     """Size of the models the numbers were measured on (parameters, LoRA rank, image tokens)."""
     from benchmarks.core import param_count
-    from shared.modeling import load_model, load_processor, render_prompt
+    from shared.checkpoints import load_model, load_processor
+    from shared.modeling import render_prompt
 
     m = ctx.mapping
     base = load_model(m.base_model)

@@ -25,15 +25,14 @@ Failure policy (the mapping's ``dispatch`` policy):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from coordinator.admission import RetryBudget, Slots
 from coordinator.backends import (
     AttemptFailed,
     AttemptTimedOut,
@@ -45,52 +44,13 @@ from coordinator.backends import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.replicas import HealthProber, Replica, publish_up
 from shared.errors import ForwardedError, NoWorkerAvailable, Overloaded, WorkerError, WorkerTimeout
-from shared.mapping import DispatchPolicy, MoleMapping, WorkerSpec
+from shared.mapping import MoleMapping, WorkerSpec
 from shared.schemas import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
 
 BackendFactory = Callable[[WorkerSpec], Backend]
 T = TypeVar("T")
-
-
-class RetryBudget:
-    """Retries allowed: ``ratio`` of the requests seen in the last ``window_s``, plus ``floor``.
-
-    Linkerd's default budget (20% over 10 s, with a floor) keeps a failing fleet from being hit
-    by a retry storm while one failed replica's in-flight requests are still retried.
-    """
-
-    @classmethod
-    def of(cls, policy: DispatchPolicy) -> RetryBudget:
-        """The budget the dispatch policy asks for."""
-        return cls(policy.retry_budget_ratio, policy.retry_budget_floor, policy.retry_budget_window_s)
-
-    def __init__(self, ratio: float = 0.2, floor: int = 10, window_s: float = 10.0):
-        self.ratio = ratio
-        self.floor = floor
-        self.window_s = window_s
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
-
-    def _trim(self, now: float) -> None:
-        for q in (self._requests, self._retries):
-            while q and q[0] < now - self.window_s:
-                q.popleft()
-
-    def record_request(self) -> None:
-        now = time.monotonic()
-        self._trim(now)
-        self._requests.append(now)
-
-    def try_retry(self) -> bool:
-        """Spend one retry if the budget allows it."""
-        now = time.monotonic()
-        self._trim(now)
-        if len(self._retries) >= self.floor + self.ratio * len(self._requests):
-            return False
-        self._retries.append(now)
-        return True
 
 
 @dataclass
@@ -137,11 +97,9 @@ class Dispatcher:
         self._metrics = metrics
         self._mapping = mapping
         self._replicas: dict[str, Replica] = {}
-        self.max_waiting = max_waiting  # requests waiting for a replica slot before answering 429
-        self.waiting = 0
-        self._slot_freed = asyncio.Event()
         self.budget = retry_budget or RetryBudget.of(mapping.dispatch)
         self.prober = HealthProber(self.replicas, metrics)
+        self.slots = Slots(self.prober, metrics, max_waiting=max_waiting)
         self.update(mapping)
 
     # ---- mapping -------------------------------------------------------------------------------
@@ -201,87 +159,6 @@ class Dispatcher:
             return merged, dynamic if self._mapping.dispatch.fallback_to_dynamic else []
         return dynamic + merged, []
 
-    @staticmethod
-    def _order(tier: Sequence[Replica], exclude: set[str], now: float) -> list[Replica]:
-        """Usable replicas not yet tried: probed-ready before unprobed, then least loaded."""
-        usable = [r for r in tier if r.usable(now) and r.spec.id not in exclude]
-        preferred = tier[0].spec.mode if tier else None  # plan() puts the preferred mode first
-        # the preferred mode, then least loaded (in-flight / limit); among equals the one picked longest ago, so
-        # idle replicas share the load
-        return sorted(
-            usable, key=lambda r: (r.state != "up", r.spec.mode != preferred, r.load(now), r.last_pick)
-        )
-
-    @contextlib.asynccontextmanager
-    async def _slot(
-        self, tier: Sequence[Replica], exclude: set[str], deadline: float, adapter: str
-    ) -> AsyncIterator[Replica | None]:
-        """Hold a slot on the best usable replica of ``tier`` for the block; wait while all are busy.
-
-        Yields None when no replica of the tier is usable. The slot is taken and released here and
-        nowhere else. Raises ``Overloaded`` when too many requests already wait, ``WorkerTimeout``
-        when the deadline passes while waiting.
-        """
-        replica = await self._wait_for_slot(tier, exclude, deadline, adapter)
-        if replica is None:
-            yield None
-            return
-        replica.in_flight += 1
-        replica.last_pick = time.monotonic()
-        in_flight = self._metrics.worker_in_flight.labels(replica.spec.id)
-        in_flight.set(replica.in_flight)
-        try:
-            yield replica
-        finally:
-            replica.in_flight -= 1
-            in_flight.set(replica.in_flight)
-            self._slot_freed.set()
-            self._slot_freed = asyncio.Event()
-
-    async def _wait_for_slot(
-        self, tier: Sequence[Replica], exclude: set[str], deadline: float, adapter: str
-    ) -> Replica | None:
-        waited = False
-        refreshed = False
-        try:
-            while True:
-                candidates = self._order(tier, exclude, time.monotonic())
-                if not candidates and not refreshed:
-                    # the prober's view may be stale (a worker that just finished loading, or came
-                    # back): probe this tier's holders now, at most once per request
-                    await self.prober.refresh([r for r in tier if r.spec.id not in exclude])
-                    refreshed = True
-                    candidates = self._order(tier, exclude, time.monotonic())
-                if not candidates:
-                    return None
-                free = [r for r in candidates if r.has_slot]
-                if free:
-                    return free[0]
-                if not waited:
-                    if self.waiting >= self.max_waiting:
-                        raise Overloaded(
-                            f"{self.waiting} requests already wait for a worker of adapter {adapter}",
-                            retry_after=1.0,
-                            adapter=adapter,
-                        )
-                    self.waiting += 1
-                    self._metrics.waiting.set(self.waiting)
-                    waited = True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WorkerTimeout(
-                        f"every replica of adapter {adapter} stayed busy until the deadline", adapter=adapter
-                    )
-                event = self._slot_freed
-                try:
-                    await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
-                except TimeoutError:
-                    pass  # re-check: probes may have changed states
-        finally:
-            if waited:
-                self.waiting -= 1
-                self._metrics.waiting.set(self.waiting)
-
     # ---- dispatch ------------------------------------------------------------------------------
     async def dispatch(
         self, request: InferRequest, *, prefer_merged: bool, request_id: str, deadline: float
@@ -337,7 +214,7 @@ class Dispatcher:
             for _ in range(policy.retries + 1):
                 async with contextlib.AsyncExitStack() as stack:
                     replica = await stack.enter_async_context(
-                        self._slot(tier, {t["worker"] for t in tried}, deadline, adapter)
+                        self.slots.hold(tier, {t["worker"] for t in tried}, deadline, adapter)
                     )
                     if replica is None:
                         break

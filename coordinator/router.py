@@ -141,7 +141,7 @@ class Router:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from shared.modeling import load_model, load_processor, weights_hash
+        from shared.checkpoints import load_model, load_processor, weights_hash
 
         if self._settings.torch_threads:
             torch.set_num_threads(self._settings.torch_threads)

@@ -88,7 +88,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _merge_summary(manifest: dict) -> str:
     from mole.merge import GIB, describe_need
-    from shared.modeling import METADATA_FILE
+    from shared.checkpoints import METADATA_FILE
 
     parity, memory = manifest["parity"], manifest["memory"]
     ref, dyn, bound = parity["merged_vs_reference"], parity["dynamic_vs_reference"], parity["allowed"]
@@ -111,7 +111,7 @@ def _merge_summary(manifest: dict) -> str:
 
 def cmd_deploy_adapter(args: argparse.Namespace) -> int:
     from mole.merge import ParityError, make_world_readable, merge_adapter
-    from shared.modeling import weights_hash
+    from shared.checkpoints import weights_hash
 
     src = Path(args.checkpoint)
     if not (src / "adapter_config.json").exists():

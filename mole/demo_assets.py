@@ -226,7 +226,8 @@ def train_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from shared.modeling import load_model, load_processor, render_prompt
+    from shared.checkpoints import load_model, load_processor
+    from shared.modeling import render_prompt
 
     torch.manual_seed(seed)
     processor = load_processor(base)
@@ -266,7 +267,8 @@ def evaluate_router(base: Path, adapter: Path, samples: Sequence[synthetic.Sampl
     """Held-out accuracy of the router LoRA: one forward, argmax over the label tokens."""
     from peft import PeftModel
 
-    from shared.modeling import label_token_ids, load_model, load_processor, next_token_logits, render_prompt
+    from shared.checkpoints import load_model, load_processor
+    from shared.modeling import label_token_ids, next_token_logits, render_prompt
 
     processor = load_processor(base)
     model = PeftModel.from_pretrained(load_model(base), str(adapter))
@@ -288,7 +290,8 @@ def evaluate_expert(
     """(format accuracy, exact accuracy) of an expert LoRA's greedy outputs on ``samples``."""
     from peft import PeftModel
 
-    from shared.modeling import GenerationParams, generate, load_model, load_processor, render_prompt
+    from shared.checkpoints import load_model, load_processor
+    from shared.modeling import GenerationParams, generate, render_prompt
 
     processor = load_processor(base)
     model = PeftModel.from_pretrained(load_model(base), str(adapter))

@@ -38,17 +38,8 @@ from typing import Any
 
 from mole import synthetic
 from mole.stream_merge import MergePlan, MergeRefused, base_dtype, plan_merge, stream_merge
-from shared.modeling import (
-    METADATA_FILE,
-    GenerationParams,
-    generate,
-    load_model,
-    load_processor,
-    next_token_logits,
-    processor_hash,
-    render_prompt,
-    weights_hash,
-)
+from shared.checkpoints import METADATA_FILE, load_model, load_processor, processor_hash, weights_hash
+from shared.modeling import GenerationParams, generate, next_token_logits, render_prompt
 
 logger = logging.getLogger(__name__)
 GIB = 1 << 30

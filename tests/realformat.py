@@ -437,7 +437,7 @@ def write_lora(base: Path, out: Path, seed: int, rank: int) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from shared.modeling import load_model
+    from shared.checkpoints import load_model
 
     torch.manual_seed(seed)
     config = LoraConfig(

@@ -22,20 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from shared.checkpoints import METADATA_FILE, load_model, load_processor, sha256_dir, weights_hash
 from shared.decoding import TokenSink
 from shared.errors import AdapterNotFound, GenerationFailed, InvalidInput, MoleError, UnprocessableRequest
 from shared.mapping import MoleMapping, WorkerSpec, discover_adapters
-from shared.modeling import (
-    METADATA_FILE,
-    Generated,
-    GenerationParams,
-    RowOptions,
-    generate,
-    load_model,
-    load_processor,
-    sha256_dir,
-    weights_hash,
-)
+from shared.modeling import Generated, GenerationParams, RowOptions, generate
 
 logger = logging.getLogger(__name__)
 

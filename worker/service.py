@@ -23,6 +23,7 @@ from typing import Literal
 from PIL import Image
 
 from shared.batching import BatchSettings, MicroBatcher
+from shared.checkpoints import memory_in_use
 from shared.errors import AdapterNotFound, MoleError, NotReady
 from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
@@ -32,7 +33,6 @@ from shared.modeling import (
     GenerationParams,
     Turn,
     max_visual_tokens,
-    memory_in_use,
     neutralise_special_tokens,
     render_prompt,
 )

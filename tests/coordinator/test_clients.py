@@ -25,8 +25,9 @@ from support import REPO, coordinator_process, demo_mapping_copy, wait_for, work
 
 from mole import synthetic
 from mole.supervisor import ServiceProcess
+from shared.checkpoints import load_processor
 from shared.images import encode_image_b64, image_to_data_url
-from shared.modeling import load_processor, render_prompt
+from shared.modeling import render_prompt
 
 BASE_NAME = "base-model"
 WORKERS = ("merged-calendar", "dynamic-0")

@@ -36,8 +36,8 @@ from support import (
 from coordinator.app import create_app
 from mole import synthetic
 from mole.supervisor import ServiceProcess
+from shared.checkpoints import weights_hash
 from shared.images import encode_image_b64, image_to_data_url
-from shared.modeling import weights_hash
 from shared.settings import Settings
 
 API_KEY = "test-key"

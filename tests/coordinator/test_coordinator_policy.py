@@ -139,7 +139,7 @@ def test_broken_answers_everywhere_are_a_502(tmp_path: Path) -> None:
 
 
 def test_retry_budget_stops_a_retry_storm(tmp_path: Path) -> None:
-    from coordinator.dispatch import RetryBudget
+    from coordinator.admission import RetryBudget
 
     failing = {w: [AttemptFailed("http_503")] * 100 for w in ("merged-a", "merged-b", "dynamic-0")}
     d, backends = make_dispatcher(make_mapping(tmp_path), failing)
@@ -179,14 +179,14 @@ def test_busy_replicas_make_requests_wait_for_a_slot_not_fail(tmp_path: Path) ->
             for i in range(6)
         ]
         await asyncio.sleep(0.05)
-        assert d.waiting == 4 and sum(r.in_flight for r in d.replicas()) == 2
+        assert d.slots.waiting == 4 and sum(r.in_flight for r in d.replicas()) == 2
         gate.set()
         return await asyncio.gather(*tasks)
 
     served = asyncio.run(scenario())
     assert all(not s.degraded for s in served)  # busy is not broken: no fallback to dynamic
     assert {s.worker_id for s in served} == {"merged-a", "merged-b"}
-    assert d.waiting == 0
+    assert d.slots.waiting == 0
 
 
 def test_an_autoscaled_worker_takes_every_containers_worth(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_an_autoscaled_worker_takes_every_containers_worth(tmp_path: Path) -> No
     assert (big.capacity, small.capacity) == (8, 2)
     replicas["merged-a"].in_flight, replicas["merged-b"].in_flight = 3, 1  # 3/8 < 1/2
     assert replicas["merged-a"].has_slot and replicas["merged-b"].has_slot
-    first = d._order(d.plan("calendar", True)[0], set(), time.monotonic())[0]
+    first = d.slots.order(d.plan("calendar", True)[0], set(), time.monotonic())[0]
     assert first.spec.id == "merged-a"
     assert d.view()[0]["capacity"] == 8
 
@@ -252,7 +252,7 @@ def test_too_many_waiting_requests_get_429(tmp_path: Path) -> None:
     for w in mapping.workers:
         w.max_concurrency = 1
     d, _ = make_dispatcher(mapping, {})
-    d.max_waiting = 1
+    d.slots.max_waiting = 1
     for r in d.replicas():
         r.in_flight = 1  # every slot taken
 

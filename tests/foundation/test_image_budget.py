@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shared.checkpoints import load_processor
 from shared.mapping import parse_mapping
-from shared.modeling import encode_batch, load_processor, render_prompt
+from shared.modeling import encode_batch, render_prompt
 
 MERGED_PATCH_PX = 32 * 32  # one visual token of Qwen3-VL: 16 px patches merged 2x2
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from mole import stream_merge as sm
 from mole.merge import ParityError, ParityLimits, merge_adapter
-from shared.modeling import METADATA_FILE, load_model
+from shared.checkpoints import METADATA_FILE, load_model
 
 MIB = 1 << 20
 
@@ -155,7 +155,7 @@ import peft, torch, transformers  # noqa: F401  (imported before measuring)
 from transformers import Qwen3VLForConditionalGeneration  # noqa: F401
 from mole.merge import default_probes, merge_adapter
 from mole.stream_merge import plan_merge, stream_merge
-from shared.modeling import load_processor
+from shared.checkpoints import load_processor
 
 def vm(key):
     for line in open("/proc/self/status"):

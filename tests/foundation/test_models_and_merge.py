@@ -15,15 +15,8 @@ from safetensors.torch import load_file, save_file
 from mole import synthetic
 from mole.demo_assets import ROUTER_PROMPT, evaluate_expert, evaluate_router
 from mole.merge import ParityError, merge_adapter, rollback
-from shared.modeling import (
-    METADATA_FILE,
-    GenerationParams,
-    generate,
-    label_token_ids,
-    load_model,
-    load_processor,
-    render_prompt,
-)
+from shared.checkpoints import METADATA_FILE, load_model, load_processor
+from shared.modeling import GenerationParams, generate, label_token_ids, render_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,10 +52,10 @@ def test_loading_says_what_where_and_the_memory_used(
 ) -> None:
     """The CPU-testable half of GPU loading: the "loading X on DEVICE, DTYPE" line before and the
     memory line after (on cuda it also names the device memory; not run here, no GPU)."""
-    with caplog.at_level("INFO", logger="shared.modeling"):
+    with caplog.at_level("INFO", logger="shared.checkpoints"):
         model = load_model(demo_assets / "base", device="cpu", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    lines = [r.getMessage() for r in caplog.records if r.name == "shared.modeling"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.checkpoints"]
     assert any(f"loading {demo_assets / 'base'} on cpu, bfloat16 (" in line for line in lines), lines
     assert any(line.startswith("loaded base in ") and "peak host RSS" in line for line in lines), lines
 

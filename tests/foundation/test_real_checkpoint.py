@@ -24,8 +24,9 @@ from support import coordinator_process, free_port, wait_for, worker_process
 
 from mole import synthetic
 from mole.supervisor import ServiceProcess
+from shared.checkpoints import METADATA_FILE, load_processor
 from shared.images import encode_image_b64
-from shared.modeling import METADATA_FILE, encode_batch, load_processor, render_prompt
+from shared.modeling import encode_batch, render_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 12
@@ -80,7 +81,7 @@ def test_without_torchvision_a_folder_lacking_the_video_config_still_loads(
 ) -> None:
     """What ``mole merge`` used to publish: no video_preprocessor_config.json, so transformers infers a
     video processor from ``Qwen2VLImageProcessorFast`` and raises ValueError ("requires torchvision")."""
-    from shared import modeling
+    from shared import checkpoints
 
     folder = tmp_path / "no-video-config"
     shutil.copytree(realformat / "base", folder)
@@ -88,8 +89,8 @@ def test_without_torchvision_a_folder_lacking_the_video_config_still_loads(
     assert render_prompt(load_processor(folder), "hi").endswith("<|im_start|>assistant\n")
 
     # Were torchvision importable but AutoProcessor still failed, the loader falls back and says why.
-    monkeypatch.setattr(modeling, "torchvision_available", lambda: True)
-    with caplog.at_level("WARNING", logger="shared.modeling"):
+    monkeypatch.setattr(checkpoints, "torchvision_available", lambda: True)
+    with caplog.at_level("WARNING", logger="shared.checkpoints"):
         processor = load_processor(folder)
     assert processor.image_processor.patch_size == 16
     assert any("AutoProcessor failed" in r.getMessage() for r in caplog.records)

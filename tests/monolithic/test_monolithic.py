@@ -21,10 +21,10 @@ from support import coordinator_process, demo_mapping_copy, free_port
 from mole import synthetic
 from mole.monolithic import inprocess_worker
 from mole.supervisor import ServiceProcess, Stack
+from shared.checkpoints import weights_hash
 from shared.errors import ConfigError
 from shared.images import encode_image_b64, image_to_data_url
 from shared.mapping import load_mapping
-from shared.modeling import weights_hash
 
 WORKER_ID = "dynamic-0"
 ADAPTERS = {"calendar", "claim", "login", "desktop"}
