@@ -318,6 +318,13 @@ class Dispatcher:
             self._metrics.dispatch_seconds.labels(replica.spec.id, outcome).observe(time.perf_counter() - t0)
 
     # ---- failures and ejection -----------------------------------------------------------------
+    def failed_midway(self, worker_id: str, reason: str, *, down: bool = False) -> None:
+        """A streamed call that broke after its first token (its slot is already accounted for):
+        counted against the worker like a failed call."""
+        replica = self._replicas.get(worker_id)
+        if replica is not None:
+            self._failed(replica, reason, down=down)
+
     def _failed(self, replica: Replica, reason: str, *, down: bool = False) -> None:
         replica.last_error = reason
         replica.consecutive_failures += 1

@@ -21,12 +21,12 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from coordinator.active import Active, ActiveMapping
-from coordinator.backends import Backend, HttpBackend
+from coordinator.backends import AttemptFailed, AttemptTimedOut, Backend, HttpBackend
 from coordinator.dispatch import Dispatcher, StreamDispatched
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.router import RouteDecision, RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
-from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge, WorkerError
+from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge, WorkerError, WorkerTimeout
 from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping, WorkerSpec
@@ -118,37 +118,63 @@ class ClassifyStream:
         self._t0 = t0
 
     async def deltas(self) -> AsyncIterator[str]:
-        """The answer's text, piece by piece as the worker produces it. A worker error midway is
-        raised (as a ``MoleError``); at the end :attr:`classified` holds the whole answer."""
+        """The answer's text, piece by piece as the worker produces it; at the end
+        :attr:`classified` holds the whole answer.
+
+        Whatever goes wrong midway is raised as a ``MoleError`` (the SSE layer sends it as an
+        error event), counted in the statistics, and counted against the worker as a failed call
+        would be: a worker error event, a broken connection or unreadable line, and a stream still
+        running at the request's deadline (the same end-to-end budget as an unstreamed request).
+        """
         served = self._served
-        async for event in served.events:
-            if event.delta is not None:
-                yield event.delta
-            elif event.final is not None:
-                answer = event.final
-                response = self.plan.response(
-                    served.worker_id,
-                    answer,
-                    path=served.path,
-                    degraded=served.degraded,
-                    timings_ms={
-                        "route": self.plan.route_ms,
-                        "dispatch": served.dispatch_ms,
-                        "worker": float(answer.timings_ms.get("total", served.worker_ms)),
-                        "total": _ms(self._t0),
-                    },
-                )
-                self._service.stats.served(response)
-                self.classified = Classified(response, self.router_version, answer.tokens_generated)
-                return
-            elif event.error is not None:
-                error = event.error
-                raise WorkerError(
-                    f"worker {served.worker_id} failed midway: {error.message}",
-                    worker=served.worker_id,
-                    worker_code=error.code,
-                )
-        raise WorkerError(f"worker {served.worker_id} ended the stream without an answer")
+        wid = served.worker_id
+        try:
+            async with asyncio.timeout_at(self.plan.deadline):  # loop time is time.monotonic()
+                async for event in served.events:
+                    if event.delta is not None:
+                        yield event.delta
+                    elif event.final is not None:
+                        self._finish(event.final)
+                        return
+                    elif event.error is not None:
+                        self._service.dispatcher.failed_midway(wid, "stream_error")
+                        raise WorkerError(
+                            f"worker {wid} failed midway: {event.error.message}",
+                            worker=wid,
+                            worker_code=event.error.code,
+                        )
+            raise WorkerError(f"worker {wid} ended the stream without an answer", worker=wid)
+        except (TimeoutError, AttemptTimedOut):
+            self._service.dispatcher.failed_midway(wid, "timeout")
+            error: MoleError = WorkerTimeout(
+                f"worker {wid} did not finish the stream within the request's budget",
+                worker=wid,
+                adapter=self.adapter,
+            )
+        except AttemptFailed as exc:
+            self._service.dispatcher.failed_midway(wid, exc.reason.value, down=exc.reason.unreachable)
+            error = WorkerError(f"worker {wid} failed midway: {exc.reason.value}", worker=wid)
+        except MoleError as exc:
+            error = exc
+        self._service.stats.failed(error.code, error.status, self.plan.request_id, _ms(self._t0))
+        raise error
+
+    def _finish(self, answer: InferResponse) -> None:
+        served = self._served
+        response = self.plan.response(
+            served.worker_id,
+            answer,
+            path=served.path,
+            degraded=served.degraded,
+            timings_ms={
+                "route": self.plan.route_ms,
+                "dispatch": served.dispatch_ms,
+                "worker": float(answer.timings_ms.get("total", served.worker_ms)),
+                "total": _ms(self._t0),
+            },
+        )
+        self._service.stats.served(response)
+        self.classified = Classified(response, self.router_version, answer.tokens_generated)
 
 
 @dataclass
