@@ -2,8 +2,8 @@
 
 The mapping, the router model and its label configuration are swapped together as one
 :class:`Active` snapshot, so a request started before a reload finishes on the mapping it began
-with. A reload adopts a new mapping only when it is valid (paths checked, router labels single
-tokens, a changed router loadable); otherwise ``MappingRejected`` and the old one stays.
+with. A reload adopts a new mapping only when it is valid (paths checked, router labels tokenizable and
+distinct, a changed router loadable); otherwise ``MappingRejected`` and the old one stays.
 The router is built in one place (:meth:`ActiveMapping._router_for`), for start and for reload.
 """
 

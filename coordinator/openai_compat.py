@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coordinator.service import Classified, ClassifyStream, CoordinatorService, Sampling
+from coordinator.outcomes import Classified, ClassifyStream, Sampling
+from coordinator.service import CoordinatorService
 from shared.errors import InvalidInput, MoleError
 from shared.schemas import (
     MAX_NEW_TOKENS_LIMIT,

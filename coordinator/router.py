@@ -121,7 +121,7 @@ class Router:
         self.device = "cpu"
         self._model: Any = None
         self._processor: Any = None  # used only on the batcher thread
-        self._tokenizer: Any = None  # a separate instance for the event loop's side (labels, usage)
+        self._tokenizer: Any = None  # a separate instance for the event loop's side (labels)
         self._adapter_name: str | None = None  # the router's adapter name in a shared model
         self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         self._release: Callable[[], None] | None = None
@@ -200,10 +200,6 @@ class Router:
         ids = tuple(tuple(seq) for seq in label_sequences(self._tokenizer, labels))
         text = render_prompt(self._processor, spec.prompt)
         return RouterConfig(labels=labels, label_ids=ids, text=text, max_pixels=spec.max_pixels)
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` with the base tokenizer (usage accounting)."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     # ---- scoring ---------------------------------------------------------------------------
     async def score(

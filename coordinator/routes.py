@@ -25,7 +25,7 @@ from coordinator.openai_compat import (
     chat_completion_stream,
     model_list,
 )
-from coordinator.service import Classified
+from coordinator.outcomes import Classified
 from shared.http import metrics_response
 from shared.schemas import (
     ClassifyBatchRequest,
@@ -34,6 +34,7 @@ from shared.schemas import (
     ClassifyResponse,
     InferWebRequest,
     InferWebResponse,
+    RouteCandidate,
     error_responses,
 )
 
@@ -48,11 +49,14 @@ internal = APIRouter(dependencies=[ApiKeyDep], responses=error_responses(401))
 ops = APIRouter()
 
 
+def _route_top(top: list[RouteCandidate]) -> dict[str, str]:
+    """The ``X-Mole-Route-Top`` header of a routed request (none for an explicit expert)."""
+    return {ROUTE_TOP_HEADER: ",".join(f"{c.adapter}={c.probability:.4f}" for c in top)} if top else {}
+
+
 def _route_headers(response: Response, served: Classified) -> None:
     response.headers[ROUTER_VERSION_HEADER] = served.router_version
-    top = served.response.top_k
-    if top:
-        response.headers[ROUTE_TOP_HEADER] = ",".join(f"{c.adapter}={c.probability:.4f}" for c in top)
+    response.headers.update(_route_top(served.response.top_k))
 
 
 @public.post("/classify", response_model=ClassifyResponse)
@@ -127,7 +131,11 @@ async def _event_stream(service: ServiceDep, body: ChatCompletionRequest, rid: s
         finally:
             await scope.aclose()
 
-    headers = {ROUTER_VERSION_HEADER: stream.router_version, "Cache-Control": "no-cache"}
+    headers = {
+        ROUTER_VERSION_HEADER: stream.router_version,
+        **_route_top(stream.plan.decision.top_k),
+        "Cache-Control": "no-cache",
+    }
     return StreamingResponse(
         body_then_close(),
         media_type="text/event-stream",

@@ -3,7 +3,8 @@
 Route handlers call :class:`CoordinatorService`. It owns the parts a classify request passes
 through and nothing else: the active mapping and router (:mod:`coordinator.active`, which also
 handles reloads), the dispatcher (:mod:`coordinator.dispatch`) and the request statistics
-(:mod:`coordinator.stats`). Protocol translation (OpenAI, ``/infer_web``) happens in the routes.
+(:mod:`coordinator.stats`). What a request becomes (its plan, its answer, its stream) is in
+:mod:`coordinator.outcomes`. Protocol translation (OpenAI, ``/infer_web``) happens in the routes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,173 +21,27 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from coordinator.active import Active, ActiveMapping
-from coordinator.backends import AttemptFailed, AttemptTimedOut, Backend, HttpBackend
-from coordinator.dispatch import Dispatcher, StreamDispatched
+from coordinator.backends import Backend, HttpBackend
+from coordinator.dispatch import Dispatcher
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.router import RouteDecision, RouterModelProvider, decide, text_only_decision
+from coordinator.outcomes import Classified, ClassifyStream, Planned, Sampling, ms_since
+from coordinator.router import RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
-from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge, WorkerError, WorkerTimeout
+from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge
 from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping, WorkerSpec
 from shared.schemas import (
     BatchItemError,
-    ChatTurn,
     ClassifyBatchItem,
     ClassifyBatchRequest,
     ClassifyBatchResponse,
     ClassifyRequest,
-    ClassifyResponse,
     InferRequest,
-    InferResponse,
 )
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding options and earlier turns forwarded to the worker (``None``: the worker's
-    default, greedy) by the chat layer."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    history: tuple[ChatTurn, ...] = ()
-
-
-@dataclass(frozen=True)
-class Planned:
-    """A validated, routed request, ready to dispatch."""
-
-    request_id: str
-    decision: RouteDecision
-    infer: InferRequest
-    prefer_merged: bool
-    deadline: float
-    route_ms: float
-
-    def response(
-        self,
-        worker_id: str,
-        answer: InferResponse,
-        *,
-        path: list[str],
-        degraded: bool,
-        timings_ms: dict[str, float],
-    ) -> ClassifyResponse:
-        """The ``/classify`` answer once the worker answered."""
-        d = self.decision
-        return ClassifyResponse(
-            request_id=self.request_id,
-            adapter=d.adapter,
-            label=d.label,
-            confidence=d.confidence,
-            routed_by=d.routed_by,
-            worker_id=worker_id,
-            mode=answer.mode,
-            output=answer.output,
-            finish_reason=answer.finish_reason,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.tokens_generated,
-            routing_path=[*d.path, *path],
-            degraded=degraded,
-            top_k=d.top_k,
-            timings_ms=timings_ms,
-        )
-
-
-class ClassifyStream:
-    """A streamed classify whose first token came: :meth:`events`, then :attr:`classified`."""
-
-    def __init__(
-        self,
-        service: CoordinatorService,
-        plan: Planned,
-        served: StreamDispatched,
-        router_version: str,
-        t0: float,
-    ):
-        self.plan = plan
-        self.adapter = plan.decision.adapter
-        self.router_version = router_version
-        self.classified: Classified | None = None  # set once the final answer came
-        self._service = service
-        self._served = served
-        self._t0 = t0
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """The answer's text, piece by piece as the worker produces it; at the end
-        :attr:`classified` holds the whole answer.
-
-        Whatever goes wrong midway is raised as a ``MoleError`` (the SSE layer sends it as an
-        error event), counted in the statistics, and counted against the worker as a failed call
-        would be: a worker error event, a broken connection or unreadable line, and a stream still
-        running at the request's deadline (the same end-to-end budget as an unstreamed request).
-        """
-        served = self._served
-        wid = served.worker_id
-        try:
-            async with asyncio.timeout_at(self.plan.deadline):  # loop time is time.monotonic()
-                async for event in served.events:
-                    if event.delta is not None:
-                        yield event.delta
-                    elif event.final is not None:
-                        self._finish(event.final)
-                        return
-                    elif event.error is not None:
-                        self._service.dispatcher.failed_midway(wid, "stream_error")
-                        raise WorkerError(
-                            f"worker {wid} failed midway: {event.error.message}",
-                            worker=wid,
-                            worker_code=event.error.code,
-                        )
-            raise WorkerError(f"worker {wid} ended the stream without an answer", worker=wid)
-        except (TimeoutError, AttemptTimedOut):
-            self._service.dispatcher.failed_midway(wid, "timeout")
-            error: MoleError = WorkerTimeout(
-                f"worker {wid} did not finish the stream within the request's budget",
-                worker=wid,
-                adapter=self.adapter,
-            )
-        except AttemptFailed as exc:
-            self._service.dispatcher.failed_midway(wid, exc.reason.value, down=exc.reason.unreachable)
-            error = WorkerError(f"worker {wid} failed midway: {exc.reason.value}", worker=wid)
-        except MoleError as exc:
-            error = exc
-        self._service.stats.failed(error.code, error.status, self.plan.request_id, _ms(self._t0))
-        raise error
-
-    def _finish(self, answer: InferResponse) -> None:
-        served = self._served
-        response = self.plan.response(
-            served.worker_id,
-            answer,
-            path=served.path,
-            degraded=served.degraded,
-            timings_ms={
-                "route": self.plan.route_ms,
-                "dispatch": served.dispatch_ms,
-                "worker": float(answer.timings_ms.get("total", served.worker_ms)),
-                "total": _ms(self._t0),
-            },
-        )
-        self._service.stats.served(response)
-        self.classified = Classified(response, self.router_version, answer.tokens_generated)
-
-
-@dataclass
-class Classified:
-    """One answered classify request plus what the OpenAI and header layers need."""
-
-    response: ClassifyResponse
-    router_version: str
-    tokens_generated: int
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
 
 
 class CoordinatorService:
@@ -312,7 +166,7 @@ class CoordinatorService:
         try:
             return await self._classify(self.active.current, req, request_id, sampling or Sampling(), t0)
         except MoleError as exc:
-            self.stats.failed(exc.code, exc.status, request_id, _ms(t0))
+            self.stats.failed(exc.code, exc.status, request_id, ms_since(t0))
             raise
 
     async def _classify(
@@ -332,7 +186,7 @@ class CoordinatorService:
                 "route": plan.route_ms,
                 "dispatch": served.dispatch_ms,
                 "worker": float(answer.timings_ms.get("total", served.worker_ms)),
-                "total": _ms(t0),
+                "total": ms_since(t0),
             },
         )
         self.stats.served(response)
@@ -354,7 +208,7 @@ class CoordinatorService:
             )
             served = await opened.__aenter__()
         except MoleError as exc:
-            self.stats.failed(exc.code, exc.status, request_id, _ms(t0))
+            self.stats.failed(exc.code, exc.status, request_id, ms_since(t0))
             raise
         try:
             yield ClassifyStream(self, plan, served, active.router.version, t0)
@@ -403,7 +257,7 @@ class CoordinatorService:
                     finally:
                         del image
             decision = decide(mapping, scores, explicit)
-        route_ms = _ms(t0)
+        route_ms = ms_since(t0)
         self.stats.route(decision, shadow=mapping.router.shadow)
         infer = InferRequest(
             image_b64=req.image_b64,  # forwarded as received; the worker decodes it itself

@@ -95,10 +95,12 @@ def load(
     is ready (``RuntimeError`` when loading fails, the token is missing, or ``timeout_s`` passes).
     ``refresh_storage`` (a worker's; see :func:`volume_refresher`) runs before an adapter is loaded
     from a path (``POST /adapters``)."""
+    from shared.logging import configure_logging
     from shared.mapping import load_mapping
     from shared.settings import Settings
 
     settings = Settings()
+    configure_logging(settings)  # as mole/cli.py does: MOLE_LOG_JSON and MOLE_LOG_LEVEL apply here too
     if settings.worker_token_value() is None:
         raise RuntimeError("MOLE_WORKER_TOKEN is not set: add it to the Modal secret (docs/deploy.md)")
     if spec.role == "coordinator":

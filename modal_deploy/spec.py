@@ -151,6 +151,11 @@ def build_specs(
     Raises ``ConfigError`` naming the entry: an unknown GPU, a scale-down window Modal refuses, a
     weight path outside the volumes, an app name used twice.
     """
+    if mapping.monolithic:
+        raise ConfigError(
+            "monolithic: true is not supported by mole modal-deploy (one Modal app per worker); "
+            "deploy it as a distributed mapping, or run monolithic mode with mole coordinator on one GPU box"
+        )
     source = str(mapping.source_path) if mapping.source_path is not None else ""
     timeout = int(mapping.dispatch.request_timeout_s) + 30
     specs: list[AppSpec] = []

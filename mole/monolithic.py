@@ -184,6 +184,9 @@ def create_monolithic_app(settings: Settings, mapping_path: Path) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             async with coordinator_lifespan(app):
+                # one process, one budget of decoded pixels (MOLE_MAX_PIXELS_IN_FLIGHT): the
+                # router's and the in-process worker's images count against the same limit
+                app.state.service.pixels = monolith.worker.pixels
                 yield
         finally:
             await asyncio.to_thread(monolith.worker.drain)

@@ -387,13 +387,6 @@ class Stack:
         wait_ready(self.services, timeout_s, None if progress is None else lambda t: progress(self, t))
         self.write_state()
 
-    def check_alive(self) -> None:
-        """Raise :class:`ServiceExited` for the first child that is no longer running."""
-        for service in self.services:
-            if service.proc is not None and not service.running():
-                service.state = "exited"
-                raise ServiceExited(service)
-
     def supervise(self) -> list[str]:
         """One supervision round (``mole up`` runs one every half second once the stack is ready).
 

@@ -399,6 +399,8 @@ class WorkerService:
         progress); an explicit rescan loads every complete folder at once. A folder that fails to
         load is logged and tried again at the next look.
         """
+        if self.spec.discover is not None and self.refresh_storage is not None:
+            self.refresh_storage()  # e.g. Modal's Volume.reload(): see files put after this container started
         loaded = []
         for name, path in self.holder.undiscovered(settled=settled).items():
             try:

@@ -180,7 +180,7 @@ class AdapterSpec(_Strict):
     max_new_tokens_cap: int | None = Field(
         default=None, ge=1
     )  # longest answer allowed (None: the worker's cap)
-    description: str = ""  # free text for humans and /v1/models
+    description: str = ""  # free text for humans (check-config, the mapping file)
 
     @model_validator(mode="before")
     @classmethod
@@ -257,7 +257,7 @@ class DispatchPolicy(_Strict):
     retry_budget_window_s: float = Field(default=10.0, gt=0)  # sliding window the budget counts over
     probe_interval_s: float = Field(default=2.0, gt=0)  # health probe period
     eject_after_failures: int = Field(default=5, ge=1)  # consecutive failures before ejecting a replica
-    eject_base_s: float = Field(default=30.0, ge=0)  # first ejection time; doubles on repeat
+    eject_base_s: float = Field(default=30.0, ge=0)  # ejection time × times ejected
 
 
 class MoleMapping(_Strict):

@@ -230,3 +230,11 @@ async def _exercise(container_app: ContainerApp) -> dict[str, Any]:
         "lifespan": "ok" if ok else sent,
         "load_adapter": adapter,
     }
+
+
+def test_a_monolithic_mapping_is_refused_not_deployed_as_separate_apps(tmp_path: Path) -> None:
+    def edit(doc: dict) -> None:
+        doc["monolithic"] = True
+
+    with pytest.raises(ConfigError, match="monolithic"):
+        build_specs(_edited(tmp_path, edit))
