@@ -62,8 +62,12 @@ def test_coordinator_sends_an_autoscaled_worker_more_than_one_container(
         def classify(_: int) -> httpx.Response:
             return httpx.post(f"{server.url}/classify", json=body, timeout=60)
 
-        with ThreadPoolExecutor(PER_CONTAINER * CONTAINERS) as pool:
-            answers = list(pool.map(classify, range(PER_CONTAINER * CONTAINERS)))
+        # twice the capacity in clients, for several rounds: the coordinator keeps the worker full
+        # (6 in flight), so its batches after the first hold what queued meanwhile (more than one
+        # container's 2); capped at 2 in flight, no batch could ever exceed 2
+        clients = 2 * PER_CONTAINER * CONTAINERS
+        with ThreadPoolExecutor(clients) as pool:
+            answers = list(pool.map(classify, range(3 * clients)))
         assert [a.status_code for a in answers] == [200] * len(answers), answers[0].text
         assert {a.json()["worker_id"] for a in answers} == {"merged-calendar"}
         assert _max_batch(httpx.get(f"{service.probe_url}/metrics").text) > PER_CONTAINER
