@@ -24,7 +24,7 @@ from shared.mapping import current_keys
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when anything below changes the built assets
+RECIPE_VERSION = 2  # bump when anything below changes the built assets
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -60,6 +60,8 @@ class Recipe:
     seed: int = 0
     text_hidden: int = 64  # language model width
     text_layers: int = 2  # decoder layers
+    head_dim: int = 32  # attention head size: vLLM's CPU attention refuses 16 (the first recipe's)
+    kv_heads: int = 1  # key/value heads (grouped-query attention over text_hidden // head_dim heads)
     vision_hidden: int = 32  # vision tower width
     vision_depth: int = 2  # vision blocks
     max_pixels: int = 128 * 128  # image processor resize cap: 64 patches of 16 px, 16 image tokens
@@ -143,7 +145,9 @@ def build_base(out: Path, recipe: Recipe) -> None:
         image_std=[0.5, 0.5, 0.5],
     )
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = 16
+    head_dim = recipe.head_dim
+    half = head_dim // 2  # mrope_section splits head_dim / 2 rotary pairs into (t, h, w) sections
+    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -151,13 +155,12 @@ def build_base(out: Path, recipe: Recipe) -> None:
             "intermediate_size": recipe.text_hidden * 2,
             "num_hidden_layers": recipe.text_layers,
             "num_attention_heads": recipe.text_hidden // head_dim,
-            "num_key_value_heads": 2,
+            "num_key_value_heads": recipe.kv_heads,
             "head_dim": head_dim,
-            # mrope_section must sum to head_dim / 2 (t, h, w rotary sections)
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": mrope_section,  # [4, 6, 6] for head_dim 32
                 "mrope_interleaved": True,
             },
             "initializer_range": 0.15,  # tiny models need a wide init or a LoRA cannot move the logits
