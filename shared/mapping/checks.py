@@ -181,9 +181,18 @@ def served_base_name_is_free(m: MoleMapping) -> Iterator[str]:
         yield f'serve_base_as "{name}": only dynamic workers serve the base model, and there is none'
 
 
+def vllm_workers_load_at_start(m: MoleMapping) -> Iterator[str]:
+    for i, w in enumerate(m.workers):
+        if w.engine == "vllm" and w.discover is not None:
+            yield f"{_worker_entry(i, w)}: discover is not supported on vLLM workers (they load their adapters at start)"
+
+
 def monolithic_has_a_dynamic_worker(m: MoleMapping) -> Iterator[str]:
-    if m.monolithic and not any(w.mode == "dynamic" for w in m.workers):
+    first = next((w for w in m.workers if w.mode == "dynamic"), None)
+    if m.monolithic and first is None:
         yield "monolithic: needs a dynamic worker to run in the coordinator's process"
+    elif m.monolithic and first is not None and first.engine != "hf":
+        yield f'monolithic: the first dynamic worker ("{first.id}") runs in the coordinator\'s process: its engine must be "hf"'
 
 
 RULES: tuple[Rule, ...] = (
@@ -203,6 +212,7 @@ RULES: tuple[Rule, ...] = (
     dynamic_workers_hold_something,
     every_adapter_is_held,
     served_base_name_is_free,
+    vllm_workers_load_at_start,
     monolithic_has_a_dynamic_worker,
 )
 

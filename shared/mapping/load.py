@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from shared.errors import ConfigError
 from shared.mapping.checks import consistency_problems
+from shared.mapping.engines import vllm_problems
 from shared.mapping.schema import MoleMapping
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -214,7 +215,7 @@ def parse_mapping(
     if not problems:
         _fill_worker_models(mapping)
         if check_paths:
-            problems = _path_problems(mapping)
+            problems = _path_problems(mapping) or vllm_problems(mapping)
     if problems:
         raise ConfigError(_problems_message(prefix, problems), problems=problems)
     return mapping
@@ -226,7 +227,8 @@ def load_mapping(
     """Read, expand, validate and return the mapping at ``path``.
 
     ``env`` (default ``os.environ``) feeds ``${VAR}`` expansion; relative paths resolve against the
-    file's folder; ``check_paths`` also requires every referenced folder to exist. Raises
+    file's folder; ``check_paths`` also requires every referenced folder to exist and vLLM workers'
+    adapters to be ones vLLM loads (:mod:`shared.mapping.engines`). Raises
     ``ConfigError`` naming the offending entry (and ``problems``: every problem found).
     """
     path = Path(path)

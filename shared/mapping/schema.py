@@ -30,6 +30,7 @@ from shared.schemas import ADAPTER_NAME_PATTERN, Mode
 # own budget is 16.7 MP) and a static batch of eight stays a bounded prefill.
 DEFAULT_WORKER_MAX_PIXELS = 2048 * 32 * 32
 WORKER_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"  # DNS-label-like: usable as a Modal app/compose name
+Engine = Literal["hf", "vllm"]  # what runs a worker (see WorkerSpec.engine)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # URLs `mole up` starts as child processes
 
 ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
@@ -204,6 +205,8 @@ class WorkerSpec(_HasUrl):
     id: str = Field(pattern=WORKER_ID_PATTERN)  # unique worker id
     url: str  # where the coordinator reaches it
     mode: Mode  # "merged": one standalone checkpoint; "dynamic": base + many LoRAs
+    engine: Engine = "hf"  # "hf": mole's worker (transformers + PEFT); "vllm": a vLLM OpenAI server
+    max_model_len: int | None = Field(default=None, ge=64)  # vllm: context length (None: the model's)
     adapters: list[str] = Field(default_factory=list)  # adapter names it holds
     model: str | None = None  # merged: checkpoint (default: adapter's merged); dynamic: None -> base_model
     discover: str | None = None  # dynamic only: folder whose <name>/adapter subfolders are loaded too

@@ -466,3 +466,44 @@ def test_production_mapping_env_overrides() -> None:
     m = load_mapping(PRODUCTION_MAPPING, env=env)
     assert m.adapters["login"].lora == "/mnt/v/loras/login/adapter"
     assert m.worker("dynamic-0").port == 9000
+
+
+# --- engines --------------------------------------------------------------------------------------
+
+
+def _folders(tmp_path: Path, ranks: dict[str, int], **extra: Any) -> None:
+    """Every folder of base_doc, with an adapter_config.json of the given rank per adapter."""
+    for folder in ("base", "router/adapter", "merged/calendar"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    for name, rank in ranks.items():
+        lora = tmp_path / "loras" / name / "adapter"
+        lora.mkdir(parents=True, exist_ok=True)
+        (lora / "adapter_config.json").write_text(json.dumps({"r": rank, **extra}))
+
+
+def test_engine_defaults_to_hf_and_vllm_workers_are_sized_from_their_adapters(tmp_path: Path) -> None:
+    from shared.mapping.engines import vllm_loras, vllm_rank
+
+    doc = base_doc()
+    doc["workers"][1]["engine"] = "vllm"
+    _folders(tmp_path, {"calendar": 16, "claim": 12})
+    mapping = load_mapping(write(tmp_path, doc), env={}, check_paths=True)
+    assert mapping.workers[0].engine == "hf" and mapping.workers[1].engine == "vllm"
+    loras = vllm_loras(mapping, mapping.workers[1])
+    assert (loras.max_loras, loras.max_lora_rank) == (2, 16)  # rank 12 fits vLLM's 16
+    assert set(loras.modules) == {"calendar", "claim"}
+    assert [vllm_rank(r) for r in (1, 2, 9, 64, 300, 512, 513)] == [1, 8, 16, 64, 320, 512, None]
+
+
+def test_vllm_workers_refuse_what_vllm_cannot_load(tmp_path: Path) -> None:
+    doc = base_doc()
+    doc["workers"][1]["engine"] = "vllm"
+    _folders(tmp_path, {"calendar": 16, "claim": 1024})
+    message = load_error(tmp_path, doc, check_paths=True)
+    assert 'workers[1] "dynamic-0": adapter "claim" has rank 1024; vLLM serves ranks up to 512' in message
+    _folders(tmp_path, {"calendar": 16, "claim": 8}, use_dora=True)
+    assert "is a DoRA adapter, which vLLM does not load" in load_error(tmp_path, doc, check_paths=True)
+    doc["workers"][1]["discover"] = "loras"
+    assert "discover is not supported on vLLM workers" in load_error(tmp_path, doc)
+    doc["workers"][1]["engine"] = "tgi"
+    assert "engine" in load_error(tmp_path, doc)
