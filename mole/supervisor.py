@@ -41,7 +41,10 @@ from types import TracebackType
 from typing import IO, Literal
 from urllib.parse import urlsplit
 
-from shared.mapping import MoleMapping, load_mapping
+from mole.vllm_worker import READY_PATH as VLLM_READY_PATH
+from mole.vllm_worker import VllmLaunch
+from shared.mapping import MoleMapping, WorkerSpec, load_mapping
+from shared.settings import Settings
 from shared.table import format_table
 
 READY_PATH = "/health/ready"  # 200 once the service has loaded its model
@@ -122,6 +125,9 @@ class ServiceProcess:
     crashes_in_a_row: int = 0  # crashes since it last ran RestartPolicy.reset_after_s
     restart_at: float | None = None  # time.monotonic() of a scheduled restart
     last_exit: int | None = None  # exit code of the last crash (negative: killed by that signal)
+    command: list[str] | None = None  # the whole command instead of `python -m mole.cli ARGS` (vLLM)
+    env: dict[str, str] = field(default_factory=dict)  # laid over the stack's environment
+    ready_path: str = READY_PATH  # answers 200 once the service is ready
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -170,8 +176,8 @@ class ServiceProcess:
         tie_to_parent: bool = False,
         append_log: bool = False,
     ) -> None:
-        """Start ``python -m mole.cli ARGS`` in a new session, output to ``log_path`` (truncated,
-        or appended to with ``append_log``, as a restart does).
+        """Start ``python -m mole.cli ARGS`` (or :attr:`command`) in a new session, output to
+        ``log_path`` (truncated, or appended to with ``append_log``, as a restart does).
 
         ``env`` is laid over this process's environment. ``tie_to_parent`` (for a command such as
         ``mole up`` that spawns from its main thread and runs no other threads: it uses a
@@ -184,11 +190,11 @@ class ServiceProcess:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if tie_to_parent else None
         try:
             self.proc = subprocess.Popen(
-                [python, "-m", "mole.cli", *self.args],
+                self.command or [python, "-m", "mole.cli", *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), **self.env},
                 cwd=cwd,
                 start_new_session=True,  # own process group: the terminal's Ctrl-C reaches only us
                 preexec_fn=_child_setup if tie_to_parent else None,
@@ -210,7 +216,7 @@ class ServiceProcess:
         if not self.running():
             self.state = "exited"
             raise ServiceExited(self)
-        self.state, error = _probe(self.probe_url)
+        self.state, error = _probe(self.probe_url + self.ready_path)
         if self.state == "failed":
             raise ServiceFailed(self, error or "no reason given")
         if self.state == "ready" and self.started_at is not None:
@@ -323,6 +329,7 @@ class Stack:
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         tie_to_parent: bool = True,
         restart_policy: RestartPolicy | None = None,
+        vllm: VllmLaunch | None = None,
     ):
         self.mapping_path = Path(mapping_path).resolve()
         self.mapping: MoleMapping = load_mapping(self.mapping_path)
@@ -338,8 +345,12 @@ class Stack:
         # A monolithic coordinator serves one dynamic worker in its own process: not started here.
         self.inprocess_worker = _inprocess_worker_id(self.mapping)
         own = [w for w in self.mapping.workers if w.id != self.inprocess_worker]
+        if vllm is None and any(w.engine == "vllm" for w in own):
+            vllm = VllmLaunch.of(Settings())
         self.workers = [
             self._service(w.id, "worker", w.url, ["worker", *config, "--worker-id", w.id])
+            if w.engine == "hf"
+            else self._vllm_service(w, vllm)
             for w in own
             if w.is_local()
         ]
@@ -349,6 +360,23 @@ class Stack:
 
     def _service(self, name: str, role: Role, url: str, args: list[str]) -> ServiceProcess:
         return ServiceProcess(name=name, role=role, url=url, args=args, log_path=self.run_dir / f"{name}.log")
+
+    def _vllm_service(self, w: WorkerSpec, vllm: VllmLaunch | None) -> ServiceProcess:
+        """A vLLM OpenAI server for ``w`` (see :mod:`mole.vllm_worker`); ``StackError`` when vLLM's
+        python is missing or the adapters are ones vLLM cannot serve."""
+        assert vllm is not None
+        if not Path(vllm.python).exists():
+            raise StackError(
+                f"worker {w.id} runs on vLLM, but {vllm.python} does not exist: run `make install-vllm` "
+                "or set MOLE_VLLM_PYTHON to the python of an environment with vLLM"
+            )
+        try:
+            command = vllm.command(self.mapping, w)
+        except ValueError as exc:
+            raise StackError(f"worker {w.id}: {exc}") from None
+        service = self._service(w.id, "worker", w.url, [])
+        service.command, service.env, service.ready_path = command, vllm.env(), VLLM_READY_PATH
+        return service
 
     @property
     def services(self) -> list[ServiceProcess]:
@@ -555,10 +583,10 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
 
 
-def _probe(base_url: str) -> tuple[State, str | None]:
+def _probe(url: str) -> tuple[State, str | None]:
     """(state, error): ``failed`` with the service's error when its readiness body says so."""
     try:
-        with _opener().open(base_url + READY_PATH, timeout=1.0) as resp:
+        with _opener().open(url, timeout=1.0) as resp:
             return ("ready" if resp.status == 200 else "loading"), None
     except urllib.error.HTTPError as exc:  # listening, answering 503 until the model is loaded
         try:

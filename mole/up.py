@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     grace = 2 * Settings().drain_timeout_s + 5.0
     try:
         stack = Stack(args.config, run_dir=args.log_dir, stop_grace_s=grace)
-    except ConfigError as exc:
+    except (ConfigError, StackError) as exc:
         print(f"mole up: {exc}", file=sys.stderr)
         return 2
     names = ", ".join(s.name for s in stack.services)

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     torch_threads: int | None = Field(default=None, ge=1)  # torch.set_num_threads on CPU; None: torch default
+    vllm_python: str = ".venv-vllm/bin/python"  # mole up: the python of vLLM's env (make install-vllm)
     # input limits
     max_image_bytes: int = Field(default=8_000_000, ge=1)  # decoded image bytes
     max_image_pixels: int = Field(default=16_000_000, ge=1)  # width * height, checked before decoding
