@@ -19,7 +19,7 @@ from typing import Any
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.router import Router, RouterConfig, RouterModelProvider
 from shared.errors import ConfigError, MoleError
-from shared.mapping import MoleMapping, load_mapping
+from shared.mapping import AdapterSpec, MoleMapping, load_mapping
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class ActiveMapping:
     def current(self) -> Active:
         assert self._current is not None, "ActiveMapping.load() has not run"
         return self._current
+
+    def adapter_spec(self, name: str) -> AdapterSpec | None:
+        """Adapter ``name``'s entry in the mapping in force (None: not in the mapping)."""
+        return self.current.mapping.adapters.get(name)
 
     def _router_for(self, mapping: MoleMapping, reuse: Router | None) -> Router:
         """``reuse`` when it serves ``mapping`` (same base and adapter), else a new, loaded router.

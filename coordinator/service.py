@@ -27,6 +27,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.outcomes import Classified, ClassifyStream, Planned, Sampling, ms_since
 from coordinator.router import RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
+from coordinator.vllm_backend import VllmBackend
 from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge
 from shared.images import PixelBudget, decode_image, image_pixels
 from shared.limits import check_text_limits
@@ -94,6 +95,8 @@ class CoordinatorService:
         local = dict(backends or {})
 
         def backend_for(spec: WorkerSpec) -> Backend:
+            if spec.engine == "vllm" and spec.id not in local:  # adapters' defaults: the mapping in force
+                return VllmBackend(spec, client, token=token, adapter_spec=active.adapter_spec)
             return local.get(spec.id) or HttpBackend(spec, client, token=token)
 
         dispatcher = Dispatcher(first.mapping, backend_for, metrics, max_waiting=settings.max_waiting)
