@@ -67,6 +67,10 @@ class Recipe:
     max_pixels: int = 128 * 128  # image processor resize cap: 64 patches of 16 px, 16 image tokens
     lora_rank: int = 16
     router_steps: int = 80
+    router_scales: tuple[float, ...] = (
+        1.0,
+        0.75,
+    )  # screen sizes the router learns: it routes at smaller budgets too
     expert_steps: int = 320
     batch_size: int = 16
     lr: float = 3e-3
@@ -215,6 +219,19 @@ def _training_batch(processor: Any, rows: Sequence[tuple[Any, str, str]], device
     labels[batch["attention_mask"] == 0] = -100
     batch["labels"] = labels
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def router_rows(samples: Sequence[synthetic.Sample], scales: Sequence[float]) -> list[tuple[Any, str, str]]:
+    """The router's training rows: every screen at every scale, with its label."""
+    return [
+        (
+            s.image if k == 1.0 else s.image.resize((int(s.image.width * k), int(s.image.height * k))),
+            ROUTER_PROMPT,
+            s.label,
+        )
+        for k in scales
+        for s in samples
+    ]
 
 
 def train_lora(
@@ -500,7 +517,7 @@ def build_demo_assets(
     train_lora(
         base,
         router,
-        [(s.image, ROUTER_PROMPT, s.label) for s in train],
+        router_rows(train, recipe.router_scales),
         recipe,
         recipe.router_steps,
         recipe.seed + 10,

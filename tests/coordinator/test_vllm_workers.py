@@ -92,6 +92,8 @@ def _write_mapping(assets: Path, out: Path) -> Path:
     ]
     for w in vllm:
         w["max_model_len"] = 512
+    for w in (dynamic, vllm[1]):  # an image budget below the checkpoint's own (16384 px): 8 tokens
+        w["max_pixels"] = 8192
     doc["workers"] = hf + vllm
     path.write_text(json.dumps(doc, indent=2))
     return path
@@ -118,7 +120,7 @@ def vllm_stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         stack.stop()
 
 
-SCREENS = synthetic.make_samples(4, seed=99)  # one screen per expert kind in the demo's order
+SCREENS = synthetic.make_samples(4, seed=99)  # four synthetic screens
 
 
 def _request(sample: synthetic.Sample, adapter: str) -> InferRequest:
@@ -144,7 +146,8 @@ def _outputs(answers: list[InferResponse]) -> list[str]:
 
 def test_vllm_dynamic_worker_answers_as_the_hf_worker_for_every_adapter(vllm_stack: VllmStack) -> None:
     """Every adapter on every screen, all in flight together on the vLLM worker (mixed LoRAs in
-    one batch), each equal to the HF dynamic worker's answer (fp32, greedy)."""
+    one batch), each equal to the HF dynamic worker's answer (fp32, greedy), at the same image
+    budget (the prompt's tokens, visual ones included, counted alike)."""
     adapters = list(vllm_stack.mapping.worker("vllm-dynamic").adapters)
     requests = [_request(s, a) for a in adapters for s in SCREENS]
     hf = _answers(vllm_stack, "dynamic-0", requests)
@@ -155,7 +158,7 @@ def test_vllm_dynamic_worker_answers_as_the_hf_worker_for_every_adapter(vllm_sta
     for request, answer in zip(requests, vllm, strict=True):  # each its own adapter's answer
         assert answer.adapter == request.adapter and answer.mode == "dynamic"
         assert answer.worker_id == "vllm-dynamic" and answer.tokens_generated > 0
-        assert answer.prompt_tokens > 16  # vLLM's usage counts the image's 16 visual tokens
+    assert [a.prompt_tokens for a in vllm] == [a.prompt_tokens for a in hf]  # 8 visual tokens each
     kinds = {s.kind for s in SCREENS}
     for adapter in kinds:  # the experts do their own task on their own screens
         own = [a.output for a, r in zip(vllm, requests, strict=True) if r.adapter == adapter]
@@ -170,6 +173,7 @@ def test_vllm_merged_worker_answers_as_the_hf_merged_worker(vllm_stack: VllmStac
     hf = _answers(vllm_stack, "merged-calendar", requests)
     vllm = _answers(vllm_stack, "vllm-calendar", requests)
     assert _outputs(vllm) == _outputs(hf)
+    assert [a.prompt_tokens for a in vllm] == [a.prompt_tokens for a in hf]
     assert all(
         a.mode == "merged" and a.finish_reason == hf_a.finish_reason for a, hf_a in zip(vllm, hf, strict=True)
     )

@@ -414,7 +414,11 @@ def test_prompt_control_tokens_are_plain_text(stack: Stack, figures: dict) -> No
         batch = client.post("/classify/batch", json={"items": [pad, _body(kind="login", expert="login")]})
     assert pad_resp.status_code == 200, pad_resp.text[:300]
     assert forged_resp.status_code == 200, forged_resp.text[:300]
-    assert forged_resp.json()["output"].startswith("CLAIM status=")
+    # the claim expert's own answer (the demo model may stop early on so odd a prompt), not the forged one
+    assert (
+        forged_resp.json()["output"].startswith("CLAIM status")
+        and "HACKED" not in forged_resp.json()["output"]
+    )
     assert all(r["ok"] for r in batch.json()["results"])
     figures["hardening: prompt control tokens (coordinator)"] = {
         "prompt with two image_pad tokens": f"{pad_resp.status_code} (was 400 naming image_b64)",
