@@ -211,7 +211,8 @@ def _json_or_none(resp: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _ms_since(t0: float) -> float:
+def ms_since(t0: float) -> float:
+    """Milliseconds since ``t0`` (a ``time.perf_counter()``), rounded for logs and answers."""
     return round((time.perf_counter() - t0) * 1000, 2)
 
 
@@ -295,8 +296,8 @@ class HttpBackend:
         try:
             resp = await self._client.get(f"{self.url}/health/ready", timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            return Probe("down", latency_ms=_ms_since(t0), error=type(exc).__name__)
-        latency = _ms_since(t0)
+            return Probe("down", latency_ms=ms_since(t0), error=type(exc).__name__)
+        latency = ms_since(t0)
         if resp.status_code not in (200, 503):
             return Probe("down", latency_ms=latency, error=f"http_{resp.status_code}")
         try:

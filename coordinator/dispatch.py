@@ -40,6 +40,7 @@ from coordinator.backends import (
     CallContext,
     EventStream,
     Failure,
+    ms_since,
 )
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.replicas import HealthProber, Replica, publish_up
@@ -75,10 +76,6 @@ class Dispatched:
     path: list[str] = field(default_factory=list)  # "worker:outcome" per attempt
     worker_ms: float = 0.0  # round trip of the successful call
     dispatch_ms: float = 0.0  # all attempts
-
-
-def _ms_since(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
 
 
 class Dispatcher:
@@ -254,7 +251,7 @@ class Dispatcher:
                     path.append(f"{wid}:ok")
                     if degraded:
                         self._metrics.fallbacks.labels(adapter, "dynamic").inc()
-                    yield value, wid, degraded, path, _ms_since(t1), _ms_since(t0)
+                    yield value, wid, degraded, path, ms_since(t1), ms_since(t0)
                     return
         raise self._unserved(adapter, tried, overloaded)
 

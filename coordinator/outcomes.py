@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from coordinator.backends import AttemptFailed, AttemptTimedOut
+from coordinator.backends import AttemptFailed, AttemptTimedOut, ms_since
 from coordinator.dispatch import StreamDispatched
 from coordinator.router import RouteDecision
 from shared.errors import MoleError, WorkerError, WorkerTimeout
@@ -157,7 +156,3 @@ class Classified:
     response: ClassifyResponse
     router_version: str
     tokens_generated: int
-
-
-def ms_since(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)

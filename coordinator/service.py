@@ -21,15 +21,15 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from coordinator.active import Active, ActiveMapping
-from coordinator.backends import Backend, HttpBackend
+from coordinator.backends import Backend, HttpBackend, ms_since
 from coordinator.dispatch import Dispatcher
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.outcomes import Classified, ClassifyStream, Planned, Sampling, ms_since
+from coordinator.outcomes import Classified, ClassifyStream, Planned, Sampling
 from coordinator.router import RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
 from coordinator.vllm_backend import VllmBackend
 from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge
-from shared.images import PixelBudget, decode_image, image_pixels
+from shared.images import PixelBudget, image_pixels, scan_image
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping, WorkerSpec
 from shared.schemas import (
@@ -246,15 +246,12 @@ class CoordinatorService:
             decision = text_only_decision(mapping, explicit)
         else:
             # header-only check first, so that a bad or oversized image fails before any decoding
-            pixels = await asyncio.to_thread(self._pixels_of, req.image_b64)
+            scanned = await asyncio.to_thread(
+                scan_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+            )
             if explicit is None or mapping.router.shadow:
-                with self.pixels.hold(pixels):  # the decoded image lives for the routing forward only
-                    image = await asyncio.to_thread(
-                        decode_image,
-                        req.image_b64,
-                        max_bytes=s.max_image_bytes,
-                        max_pixels=s.max_image_pixels,
-                    )
+                with self.pixels.hold(scanned.pixels):  # the decoded image lives for the routing forward only
+                    image = await asyncio.to_thread(scanned.decode)
                     try:
                         scores = await active.router.score(image, active.config, deadline=deadline)
                     finally:

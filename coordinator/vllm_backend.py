@@ -37,9 +37,9 @@ from coordinator.backends import (
     Failure,
     Probe,
     _json_or_none,
-    _ms_since,
     _retry_after,
     _transport_failures,
+    ms_since,
     read_answer,
 )
 from shared.mapping import AdapterSpec, WorkerSpec
@@ -195,7 +195,7 @@ class VllmBackend:
             tokens_generated=usage.completion_tokens,
             prompt_tokens=usage.prompt_tokens,  # vLLM counts the image's tokens here
             finish_reason="length" if finish == "length" else "stop",
-            timings_ms={"total": _ms_since(t0)},
+            timings_ms={"total": ms_since(t0)},
         )
 
     def _failed(self, resp: httpx.Response) -> None:
@@ -287,11 +287,11 @@ class VllmBackend:
         try:
             alive = await self._client.get(f"{self.url}/health", timeout=PROBE_TIMEOUT_S)
             if alive.status_code != 200:  # vLLM answers /health only once its engine runs
-                return Probe("loading" if alive.status_code == 503 else "down", latency_ms=_ms_since(t0))
+                return Probe("loading" if alive.status_code == 503 else "down", latency_ms=ms_since(t0))
             resp = await self._client.get(f"{self.url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            return Probe("down", latency_ms=_ms_since(t0), error=type(exc).__name__)
-        latency = _ms_since(t0)
+            return Probe("down", latency_ms=ms_since(t0), error=type(exc).__name__)
+        latency = ms_since(t0)
         if resp.status_code != 200:
             return Probe("down", latency_ms=latency, error=f"models_http_{resp.status_code}")
         try:

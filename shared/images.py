@@ -15,6 +15,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
@@ -136,14 +137,40 @@ def _opened(raw: bytes, max_pixels: int) -> Iterator[Image.Image]:
             yield img
 
 
-def image_pixels(image_b64: str, *, max_bytes: int, max_pixels: int) -> int:
-    """Width × height of an untrusted base64 image, read from its header without decoding pixels.
+@dataclass(frozen=True)
+class ScannedImage:
+    """An untrusted image whose encoding, format and limits were checked (header only): its bytes
+    and width × height. :meth:`decode` loads the pixels without decoding the base64 again."""
 
-    Raises what :func:`decode_image` raises for the encoding, the format and the limits.
-    """
-    with _opened(_raw_bytes(image_b64, max_bytes), max_pixels) as img:
+    raw: bytes
+    pixels: int
+    max_pixels: int
+
+    def decode(self) -> Image.Image:
+        """The loaded RGB image (raises what :func:`decode_image` raises)."""
+        with _opened(self.raw, self.max_pixels) as img:  # bomb warnings are errors here
+            try:
+                img.load()
+                return _to_rgb(img)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise _bomb(self.max_pixels) from None
+            except (OSError, SyntaxError, ValueError, EOFError):
+                raise _not_an_image() from None
+
+
+def scan_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> ScannedImage:
+    """Check an untrusted base64 image from its header, without decoding pixels: a pixel budget can
+    be taken before :meth:`ScannedImage.decode`. Raises what :func:`decode_image` raises for the
+    encoding, the format and the limits."""
+    raw = _raw_bytes(image_b64, max_bytes)
+    with _opened(raw, max_pixels) as img:
         width, height = img.size
-        return int(width * height)
+    return ScannedImage(raw, int(width * height), max_pixels)
+
+
+def image_pixels(image_b64: str, *, max_bytes: int, max_pixels: int) -> int:
+    """Width × height of an untrusted base64 image, read from its header without decoding pixels."""
+    return scan_image(image_b64, max_bytes=max_bytes, max_pixels=max_pixels).pixels
 
 
 def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -153,14 +180,7 @@ def decode_image(image_b64: str, *, max_bytes: int, max_pixels: int) -> Image.Im
     (encoded length, decoded bytes, or width*height over the limits); every message names
     ``image_b64`` and, for limits, the limit. Never fetches anything.
     """
-    with _opened(_raw_bytes(image_b64, max_bytes), max_pixels) as img:  # bomb warnings are errors here
-        try:
-            img.load()
-            return _to_rgb(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _bomb(max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError):
-            raise _not_an_image() from None
+    return scan_image(image_b64, max_bytes=max_bytes, max_pixels=max_pixels).decode()
 
 
 class PixelBudget:

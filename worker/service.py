@@ -25,7 +25,7 @@ from PIL import Image
 from shared.batching import BatchSettings, MicroBatcher
 from shared.checkpoints import memory_in_use
 from shared.errors import AdapterNotFound, MoleError, NotReady
-from shared.images import PixelBudget, decode_image, image_pixels
+from shared.images import PixelBudget, ScannedImage, scan_image
 from shared.limits import check_text_limits
 from shared.mapping import MoleMapping
 from shared.modeling import (
@@ -210,14 +210,8 @@ class WorkerService:
             top_p=req.top_p,
         )
 
-    def _prepare(self, req: InferRequest, params: GenerationParams) -> Row:
-        image = None
-        if req.image_b64 is not None:
-            image = decode_image(
-                req.image_b64,
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            )
+    def _prepare(self, req: InferRequest, params: GenerationParams, scanned: ScannedImage | None) -> Row:
+        image = scanned.decode() if scanned is not None else None
         spec = self.mapping.adapters.get(req.adapter)
         tokenizer = self.holder.processor.tokenizer
         system = (  # a client's system prompt is client text; the mapping's is used as written
@@ -279,12 +273,13 @@ class WorkerService:
         try:
             params = self._validate(req)
             s = self.settings
-            if req.image_b64 is not None:
-                n = await asyncio.to_thread(
-                    image_pixels, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
+            scanned = None
+            if req.image_b64 is not None:  # header only: the budget is taken before any pixel is decoded
+                scanned = await asyncio.to_thread(
+                    scan_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
                 )
-                pixels.enter_context(self.pixels.hold(n))
-            row = await asyncio.to_thread(self._prepare, req, params)
+                pixels.enter_context(self.pixels.hold(scanned.pixels))
+            row = await asyncio.to_thread(self._prepare, req, params, scanned)
         except BaseException as exc:
             pixels.close()
             self._count(req.adapter, getattr(exc, "code", "error"))

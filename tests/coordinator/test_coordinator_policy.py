@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -443,6 +443,23 @@ def test_http_backend_connect_error_is_a_safe_failure() -> None:
         call(handler)
 
 
+E = TypeVar("E", bound=Exception)
+
+
+def read_both_ways(error: MoleError, outcome: type[E]) -> tuple[E, E]:
+    """The outcome of a worker's typed ``error`` read in process (``read_error``) and the same error
+    answered over HTTP (its status and body, ``Retry-After: 3``); both must raise ``outcome``."""
+    with pytest.raises(outcome) as in_process:
+        read_error("w", error)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(error.status, json=error.to_body(), headers={"Retry-After": "3"})
+
+    with pytest.raises(outcome) as over_http:
+        call(handler)
+    return in_process.value, over_http.value
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
@@ -454,45 +471,23 @@ def test_http_backend_connect_error_is_a_safe_failure() -> None:
 def test_in_process_errors_read_like_http_answers(error: MoleError, reason: str) -> None:
     """One table for every backend: a worker's typed error in this process and the same error
     answered over HTTP give the same outcome."""
-    with pytest.raises(AttemptFailed) as in_process:
-        read_error("w", error)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(error.status, json=error.to_body(), headers={"Retry-After": "3"})
-
-    with pytest.raises(AttemptFailed) as over_http:
-        call(handler)
-    assert in_process.value.reason == over_http.value.reason == reason
+    in_process, over_http = read_both_ways(error, AttemptFailed)
+    assert in_process.reason == over_http.reason == reason
     if reason == "overloaded":
-        assert in_process.value.retry_after == over_http.value.retry_after == 3.0
+        assert in_process.retry_after == over_http.retry_after == 3.0
 
 
 def test_a_workers_client_error_is_forwarded_with_its_code_and_details() -> None:
     error = InvalidInput("image_b64: the model's image processor rejected the image", field="image_b64")
-    with pytest.raises(ForwardedError) as in_process:
-        read_error("w", error)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, json=error.to_body())
-
-    with pytest.raises(ForwardedError) as over_http:
-        call(handler)
-    for err in (in_process.value, over_http.value):
+    for err in read_both_ways(error, ForwardedError):
         assert (err.status, err.code, err.worker_id) == (400, "invalid_input", "w")
         assert err.to_body() == error.to_body()
 
 
 def test_a_workers_404_reads_the_same_in_process_and_over_http() -> None:
     error = AdapterNotFound("adapter 'x' is not held by worker w", adapters=["login"])
-    with pytest.raises(AttemptFailed) as in_process:
-        read_error("w", error)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(404, json=error.to_body())
-
-    with pytest.raises(AttemptFailed) as over_http:
-        call(handler)
-    assert in_process.value.reason == over_http.value.reason == "adapter_missing"
+    in_process, over_http = read_both_ways(error, AttemptFailed)
+    assert in_process.reason == over_http.reason == "adapter_missing"
 
 
 def test_http_backend_reports_a_failed_load_with_its_error() -> None:
