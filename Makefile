@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS ?= .cache/demo_assets
 
-.PHONY: install install-vllm demo test lint bench clean
+.PHONY: install install-vllm demo demo-vllm test lint bench clean
 
 # vLLM's own virtualenv (mole's vLLM workers run in it). It lives outside the clone, named by the
 # hash of its recipe, so a fresh clone on the same machine (CI) finds it built; .venv-vllm links to it.
@@ -49,6 +49,10 @@ $(VLLM_STAMP):
 
 demo: install
 	$(BIN)/mole demo --assets $(ASSETS)
+
+# The same demo with every worker and the router on vLLM (its env from the cache, built once).
+demo-vllm: install install-vllm
+	MOLE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/mole demo --engine vllm --assets $(ASSETS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.router import Router, RouterConfig, RouterModelProvider
+from coordinator.vllm_router import VllmRouter
 from shared.errors import ConfigError, MoleError
 from shared.mapping import AdapterSpec, MoleMapping, load_mapping
 from shared.settings import Settings
@@ -37,7 +40,7 @@ class Active:
     """The mapping in force with the router model and label configuration that serve it."""
 
     mapping: MoleMapping
-    router: Router
+    router: Router | VllmRouter  # VllmRouter: the mapping's router.served_by runs it
     config: RouterConfig
 
 
@@ -54,10 +57,12 @@ class ActiveMapping:
         metrics: CoordinatorMetrics,
         *,
         router_model: RouterModelProvider | None = None,
+        client: httpx.AsyncClient | None = None,
     ):
         self.settings = settings
         self.path = path
         self._metrics = metrics
+        self._client = client  # a router on a vLLM worker calls it with this (the workers' client)
         self._router_model = router_model  # lends routers a shared model (monolithic mode)
         self._current: Active | None = None
         self._lock = asyncio.Lock()
@@ -73,12 +78,21 @@ class ActiveMapping:
         """Adapter ``name``'s entry in the mapping in force (None: not in the mapping)."""
         return self.current.mapping.adapters.get(name)
 
-    def _router_for(self, mapping: MoleMapping, reuse: Router | None) -> Router:
-        """``reuse`` when it serves ``mapping`` (same base and adapter), else a new, loaded router.
+    def _router_for(self, mapping: MoleMapping, reuse: Router | VllmRouter | None) -> Router | VllmRouter:
+        """``reuse`` when it serves ``mapping`` (same base and adapter), else a new, loaded router:
+        on the vLLM worker of ``router.served_by``, else in this process.
 
         Blocking: run off the event loop."""
-        if reuse is not None and reuse.serves(mapping):
+        remote = mapping.router.served_by is not None
+        if reuse is not None and isinstance(reuse, VllmRouter) == remote and reuse.serves(mapping):
             return reuse
+        router: Router | VllmRouter
+        if remote:
+            if self._client is None:
+                raise ConfigError("router.served_by: this coordinator has no client for workers")
+            router = VllmRouter(mapping, self.settings, self._client, self.settings.worker_token_value())
+            router.load()
+            return router
         router = Router(
             mapping.base_model,
             mapping.router.adapter,

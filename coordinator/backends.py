@@ -128,6 +128,7 @@ class Probe:
     latency_ms: float = 0.0
     error: str | None = None
     instance: str | None = None  # which process/container of the worker answered
+    checks: dict[str, str] | None = None  # a vLLM worker's adapter checks (coordinator.adapter_check)
 
 
 EventStream = AsyncIterator[InferStreamEvent]

@@ -37,6 +37,7 @@ class Replica:
     backend: Backend
     state: WorkerState = "unknown"
     reported: list[AdapterInfo] | None = None  # adapters reported within REPORT_WINDOW_S (union)
+    checks: dict[str, str] | None = None  # a vLLM worker's adapter checks (name -> outcome)
     seen: dict[str, tuple[float, AdapterInfo]] = field(default_factory=dict)  # name -> (when, info)
     instances: dict[str, float] = field(default_factory=dict)  # answering instance -> when
     last_probe: float | None = None  # wall-clock time of the last probe
@@ -126,6 +127,7 @@ class Replica:
             "last_probe": self.last_probe,
             "last_probe_latency_ms": self.probe_latency_ms,
             "last_error": self.last_error,
+            "adapter_checks": self.checks,
         }
 
 
@@ -192,6 +194,8 @@ class HealthProber:
         replica.probe_latency_ms = probe.latency_ms
         if probe.error is not None:
             replica.last_error = probe.error
+        if probe.checks is not None:
+            replica.checks = dict(probe.checks)
         if probe.adapters is not None:
             before = replica.missing()
             replica.reported = self._remember(replica, probe)

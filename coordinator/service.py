@@ -28,6 +28,7 @@ from coordinator.outcomes import Classified, ClassifyStream, Planned, Sampling
 from coordinator.router import RouterModelProvider, decide, text_only_decision
 from coordinator.stats import RequestStats
 from coordinator.vllm_backend import VllmBackend
+from coordinator.vllm_router import VllmRouter
 from shared.errors import AdapterNotFound, MoleError, PayloadTooLarge
 from shared.images import PixelBudget, image_pixels, scan_image
 from shared.limits import check_text_limits
@@ -84,13 +85,16 @@ class CoordinatorService:
         instead of loading one (monolithic mode).
         """
         metrics = CoordinatorMetrics()
-        active = ActiveMapping(settings, mapping_path, metrics, router_model=router_model)
-        first = await active.load()
-        policy = first.mapping.dispatch
-        client = httpx.AsyncClient(
+        client = httpx.AsyncClient(  # calls set their own timeouts (the policy's, the deadline's)
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-            timeout=httpx.Timeout(policy.request_timeout_s, connect=policy.connect_timeout_s),
+            timeout=httpx.Timeout(120.0, connect=5.0),
         )
+        active = ActiveMapping(settings, mapping_path, metrics, router_model=router_model, client=client)
+        try:
+            first = await active.load()
+        except BaseException:
+            await client.aclose()
+            raise
         token = settings.worker_token_value()
         local = dict(backends or {})
 
@@ -146,9 +150,13 @@ class CoordinatorService:
         return self.dispatcher.view()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, body): ready once the router is loaded and at least one worker is up."""
+        """(ready, body): ready once the router is loaded (on a vLLM worker: that worker is up) and
+        at least one worker is up."""
         replicas = self.dispatcher.replicas()
-        ready = self.active.current.router.loaded and self.dispatcher.any_up()
+        router = self.active.current.router
+        ready = router.loaded and self.dispatcher.any_up()
+        if isinstance(router, VllmRouter):
+            ready = ready and any(r.spec.id == router.worker_id and r.state == "up" for r in replicas)
         body = {
             "status": "ready" if ready else "waiting_for_workers",
             "router_version": self.router_version,
@@ -249,11 +257,16 @@ class CoordinatorService:
             scanned = await asyncio.to_thread(
                 scan_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
             )
-            if explicit is None or mapping.router.shadow:
+            router = active.router
+            if explicit is not None and not mapping.router.shadow:
+                pass  # no routing
+            elif isinstance(router, VllmRouter):  # the image goes as received: nothing decoded here
+                scores = await router.score_b64(req.image_b64, active.config, deadline=deadline)
+            else:
                 with self.pixels.hold(scanned.pixels):  # the decoded image lives for the routing forward only
                     image = await asyncio.to_thread(scanned.decode)
                     try:
-                        scores = await active.router.score(image, active.config, deadline=deadline)
+                        scores = await router.score(image, active.config, deadline=deadline)
                     finally:
                         del image
             decision = decide(mapping, scores, explicit)

@@ -8,7 +8,8 @@
 - ``stream``: the same request with ``"stream": true``; vLLM's server-sent events become
   :class:`InferStreamEvent`\\ s. Entering waits for the first piece of text, as for mole's workers.
 - ``health``: ``GET /health`` (200 once the engine runs), then ``GET /v1/models``: the adapters
-  really loaded (the served model names) are the probe's adapters.
+  really loaded (the served model names), each reported once it passed its check against the HF
+  reference (:mod:`coordinator.adapter_check`).
 
 vLLM's statuses go through :func:`~coordinator.backends.read_answer` like a mole worker's: its 404
 ("the model does not exist") is ``adapter_missing``, 401 is our token refused, 429/5xx are retried
@@ -29,6 +30,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from coordinator.adapter_check import AdapterChecker
 from coordinator.backends import (
     PROBE_TIMEOUT_S,
     AttemptFailed,
@@ -42,7 +44,8 @@ from coordinator.backends import (
     ms_since,
     read_answer,
 )
-from shared.mapping import AdapterSpec, WorkerSpec
+from coordinator.vllm_api import data_url
+from shared.mapping import ROUTER_MODEL_NAME, AdapterSpec, WorkerSpec
 from shared.schemas import (
     REQUEST_ID_HEADER,
     AdapterInfo,
@@ -96,18 +99,11 @@ class _Completion(_Lenient):
 class _Model(_Lenient):
     id: str
     parent: str | None = None  # a LoRA's base model; None for the base itself
+    root: str | None = None  # where it was loaded from (a LoRA's folder)
 
 
 class _Models(_Lenient):
     data: list[_Model]
-
-
-def _data_url(image_b64: str) -> str:
-    """A data URL for vLLM (mole's wire takes plain base64 too; vLLM reads the bytes, not the type)."""
-    if image_b64.startswith("data:"):
-        return image_b64
-    kind = "jpeg" if image_b64.startswith("/9j/") else "png"
-    return f"data:image/{kind};base64,{image_b64}"
 
 
 def _vllm_error(status: int, body: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -135,9 +131,20 @@ class VllmBackend:
         self.worker_id = spec.id
         self.url = spec.url
         self.mode = spec.mode
+        self.max_model_len = spec.max_model_len
         self._client = client
         self._token = token
         self._adapter_spec = adapter_spec
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.checker = AdapterChecker(spec.id, spec.url, client, headers, self._probe_folder)
+
+    def _probe_folder(self, name: str, root: str | None) -> str | None:
+        """Where ``name``'s probe record is: its LoRA folder in the mapping, else the folder vLLM
+        loaded it from (a hot-loaded LoRA)."""
+        spec = self._adapter_spec(name)
+        if spec is not None:
+            return spec.lora
+        return root if self.mode == "dynamic" else None
 
     # ---- requests ------------------------------------------------------------------------------
     def _body(self, request: InferRequest, *, stream: bool) -> dict[str, Any]:
@@ -149,7 +156,7 @@ class VllmBackend:
         messages += [{"role": t.role, "content": _neutralise(t.text)} for t in request.history]
         content: list[dict[str, Any]] = []
         if request.image_b64 is not None:
-            content.append({"type": "image_url", "image_url": {"url": _data_url(request.image_b64)}})
+            content.append({"type": "image_url", "image_url": {"url": data_url(request.image_b64)}})
         content.append({"type": "text", "text": _neutralise(request.prompt)})
         messages.append({"role": "user", "content": content})
         default = (spec.max_new_tokens if spec else None) or DEFAULT_MAX_TOKENS
@@ -161,6 +168,8 @@ class VllmBackend:
             "max_tokens": min(max_tokens, cap) if cap else max_tokens,
             "temperature": request.temperature or 0.0,  # 0: greedy, as mole's workers
         }
+        if request.max_new_tokens is None and self.max_model_len and body["max_tokens"] >= self.max_model_len:
+            del body["max_tokens"]  # a default beyond the context: vLLM's own, what the context leaves
         if request.top_p is not None:
             body["top_p"] = request.top_p
         if request.stop:
@@ -287,9 +296,11 @@ class VllmBackend:
         try:
             alive = await self._client.get(f"{self.url}/health", timeout=PROBE_TIMEOUT_S)
             if alive.status_code != 200:  # vLLM answers /health only once its engine runs
+                self.checker.reset()
                 return Probe("loading" if alive.status_code == 503 else "down", latency_ms=ms_since(t0))
             resp = await self._client.get(f"{self.url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError as exc:
+            self.checker.reset()
             return Probe("down", latency_ms=ms_since(t0), error=type(exc).__name__)
         latency = ms_since(t0)
         if resp.status_code != 200:
@@ -299,9 +310,17 @@ class VllmBackend:
         except ValidationError:
             return Probe("down", latency_ms=latency, error="bad_models_body")
         # What it serves: a merged worker's checkpoint under the adapter's name, a dynamic one's
-        # LoRAs (its base model is not an adapter). vLLM reports no weight hashes.
-        served = [m.id for m in models.data if self.mode == "merged" or m.parent is not None]
-        return Probe("up", adapters=[AdapterInfo(name=n, sha256="") for n in served], latency_ms=latency)
+        # LoRAs (its base model is not an adapter, nor the router's LoRA). vLLM reports no weight
+        # hashes. Each is checked against its HF reference before it counts (coordinator.adapter_check).
+        served = {
+            m.id: m.root
+            for m in models.data
+            if (self.mode == "merged" or m.parent is not None) and m.id != ROUTER_MODEL_NAME
+        }
+        await self.checker.check(served)
+        adapters = [AdapterInfo(name=n, sha256="") for n in served if self.checker.routable(n)]
+        checks = {n: self.checker.results[n] for n in served if n in self.checker.results}
+        return Probe("up", adapters=adapters, latency_ms=latency, checks=checks)
 
 
 async def _replay(first: InferStreamEvent, rest: EventStream) -> EventStream:

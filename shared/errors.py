@@ -104,6 +104,13 @@ class NoWorkerAvailable(MoleError):
     code = "no_worker_available"
 
 
+class RouterUnavailable(MoleError):
+    """The vLLM worker that serves the router (``router.served_by``) failed or did not answer in time."""
+
+    status = 503
+    code = "router_unavailable"
+
+
 class WorkerTimeout(MoleError):
     """A worker did not answer within the request timeout."""
 

@@ -9,6 +9,7 @@ from shared.mapping.load import expand_env, load_mapping, parse_mapping
 from shared.mapping.schema import (
     DEFAULT_WORKER_MAX_PIXELS,
     LOCAL_HOSTS,
+    ROUTER_MODEL_NAME,
     WORKER_ID_PATTERN,
     AdapterSpec,
     CoordinatorSpec,
@@ -27,6 +28,7 @@ from shared.mapping.schema import (
 __all__ = [
     "DEFAULT_WORKER_MAX_PIXELS",
     "LOCAL_HOSTS",
+    "ROUTER_MODEL_NAME",
     "WORKER_ID_PATTERN",
     "AdapterSpec",
     "CoordinatorSpec",

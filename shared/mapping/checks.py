@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from shared.mapping.schema import ADAPTER_NAME, MoleMapping, WorkerSpec
+from shared.mapping.schema import ADAPTER_NAME, ROUTER_MODEL_NAME, MoleMapping, WorkerSpec
 from shared.schemas import ADAPTER_NAME_PATTERN
 
 Rule = Callable[[MoleMapping], Iterator[str]]
@@ -187,6 +187,23 @@ def vllm_workers_load_at_start(m: MoleMapping) -> Iterator[str]:
             yield f"{_worker_entry(i, w)}: discover is not supported on vLLM workers (they load their adapters at start)"
 
 
+def router_served_by_a_dynamic_vllm_worker(m: MoleMapping) -> Iterator[str]:
+    wid = m.router.served_by
+    if wid is None:
+        return
+    worker = next((w for w in m.workers if w.id == wid), None)
+    if worker is None:
+        yield f'router.served_by "{wid}": no worker has that id'
+    elif worker.engine != "vllm" or worker.mode != "dynamic":
+        yield f'router.served_by "{wid}": must be a dynamic worker with "engine": "vllm" (it serves the router LoRA on the base model)'
+    elif worker.model not in (None, m.base_model):
+        yield f'router.served_by "{wid}": serves {worker.model}, not the base model the router LoRA was trained on'
+    if ROUTER_MODEL_NAME in m.adapters:
+        yield f'router.served_by: the router is served as "{ROUTER_MODEL_NAME}", which is an adapter\'s name here'
+    if m.monolithic:
+        yield "router.served_by: monolithic mode runs the router in the coordinator's process"
+
+
 def monolithic_has_a_dynamic_worker(m: MoleMapping) -> Iterator[str]:
     first = next((w for w in m.workers if w.mode == "dynamic"), None)
     if m.monolithic and first is None:
@@ -213,6 +230,7 @@ RULES: tuple[Rule, ...] = (
     every_adapter_is_held,
     served_base_name_is_free,
     vllm_workers_load_at_start,
+    router_served_by_a_dynamic_vllm_worker,
     monolithic_has_a_dynamic_worker,
 )
 

@@ -11,6 +11,7 @@ entry, e.g. ``workers[1] "dynamic-0": adapter "foo" is not defined in "adapters"
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -21,8 +22,10 @@ from pydantic import ValidationError
 
 from shared.errors import ConfigError
 from shared.mapping.checks import consistency_problems
-from shared.mapping.engines import vllm_problems
+from shared.mapping.engines import vllm_problems, vllm_warnings
 from shared.mapping.schema import MoleMapping
+
+logger = logging.getLogger(__name__)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -218,6 +221,9 @@ def parse_mapping(
             problems = _path_problems(mapping) or vllm_problems(mapping)
     if problems:
         raise ConfigError(_problems_message(prefix, problems), problems=problems)
+    if check_paths:
+        for warning in vllm_warnings(mapping):
+            logger.warning("%s", warning)
     return mapping
 
 

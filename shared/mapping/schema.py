@@ -138,6 +138,9 @@ class CoordinatorSpec(_HasUrl):
     url: str = "http://127.0.0.1:8000"  # http(s)://host:port
 
 
+ROUTER_MODEL_NAME = "mole-router"  # the router LoRA's model name on the vLLM worker that serves it
+
+
 class RouterSpec(_Strict):
     """The router LoRA and its labels; the labels' token sequences, scored in one batched pass, route a request."""
 
@@ -151,6 +154,9 @@ class RouterSpec(_Strict):
     # answering: 262144 px is 256 visual tokens of Qwen3-VL (32x32 px each) against ~2000 for a
     # 1080p screenshot at the checkpoint's budget, and images below it are not touched.
     max_pixels: int | None = Field(default=262_144, ge=1024)
+    # A dynamic vLLM worker that serves the router LoRA (as ROUTER_MODEL_NAME); the coordinator then
+    # loads no model and asks it for the labels' log-probabilities. None: the coordinator runs it.
+    served_by: str | None = None
 
     def ordered_labels(self) -> list[str]:
         """Labels in a stable order (numeric labels numerically, then the rest alphabetically)."""

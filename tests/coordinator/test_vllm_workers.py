@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ from support import REPO, ThreadServer, demo_mapping_copy, free_port, wait_for
 
 from coordinator.app import create_app
 from coordinator.backends import CallContext, HttpBackend
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.router import Router
 from coordinator.vllm_backend import VllmBackend
+from coordinator.vllm_router import VllmRouter
 from mole import synthetic
 from mole.supervisor import Stack
 from mole.vllm_worker import VllmLaunch
@@ -95,6 +99,7 @@ def _write_mapping(assets: Path, out: Path) -> Path:
     for w in (dynamic, vllm[1]):  # an image budget below the checkpoint's own (16384 px): 8 tokens
         w["max_pixels"] = 8192
     doc["workers"] = hf + vllm
+    doc["router"]["served_by"] = "vllm-dynamic"  # the router LoRA on vLLM: the coordinator loads no model
     path.write_text(json.dumps(doc, indent=2))
     return path
 
@@ -229,6 +234,114 @@ def test_vllm_stream_equals_the_answer(vllm_stack: VllmStack) -> None:
     answer = _answers(vllm_stack, "vllm-dynamic", [request])[0]
     assert "".join(deltas) == final.output == answer.output
     assert final.tokens_generated == answer.tokens_generated
+
+
+def test_router_on_vllm_gives_the_local_routers_probabilities(vllm_stack: VllmStack) -> None:
+    """The router LoRA served by the vLLM dynamic worker (``router.served_by``) against the
+    coordinator's own router on the same checkpoint (float32): the same label probabilities to
+    1e-4, for the demo's one-token labels (one request each) and for labels of several tokens
+    (one more request per label, teacher-forced)."""
+    mapping = vllm_stack.mapping
+    settings = Settings(torch_threads=1, device="cpu", dtype="float32")
+    local = Router(mapping.base_model, mapping.router.adapter, settings, CoordinatorMetrics())
+    local.load()
+    words = {"calendar": "cal-screen", "claim": "claim-form", "login": "log-in", "desktop": "desk-top"}
+    multi = mapping.router.model_copy(
+        update={"labels": {words[a]: a for a in mapping.router.labels.values()}}
+    )
+
+    async def main() -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+        pairs = []
+        async with httpx.AsyncClient(trust_env=False) as client:
+            remote = VllmRouter(mapping, settings, client, TOKEN)
+            await asyncio.to_thread(remote.load)
+            assert remote.version == local.version
+            for spec in (mapping.router, multi):
+                want_config, got_config = local.config_for(spec), remote.config_for(spec)
+                assert got_config.label_ids == want_config.label_ids
+                for sample in SCREENS:
+                    deadline = time.monotonic() + 60
+                    got = await remote.score_b64(
+                        encode_image_b64(sample.image), got_config, deadline=deadline
+                    )
+                    want = await local.score(sample.image, want_config)
+                    pairs.append((got.probabilities, want.probabilities))
+        return pairs
+
+    try:
+        assert any(len(ids) > 1 for ids in local.config_for(multi).label_ids), "no label of several tokens"
+        pairs = asyncio.run(main())
+    finally:
+        local.stop()
+    worst = max(abs(g - w) for got, want in pairs for g, w in zip(got, want, strict=True))
+    assert worst < 1e-4, worst
+    for (got, _), sample in zip(pairs[: len(SCREENS)], SCREENS, strict=True):  # the demo router routes right
+        assert mapping.router.labels[str(got.index(max(got)))] == sample.kind
+    print(f"\nrouter on vLLM vs local: largest probability difference {worst:.2e}")
+
+
+def _vision_only_lora(base: str, out: Path) -> None:
+    """A LoRA on the vision tower only, strong enough that HF + PEFT answers differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*visual.*\.(qkv|proj|linear_fc1|linear_fc2)")
+    peft = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    peft.save_pretrained(out)
+
+
+def test_adapter_checks_serve_a_hot_loaded_adapter_and_catch_one_vllm_does_not_apply(
+    vllm_stack: VllmStack, tmp_path: Path
+) -> None:
+    """Two LoRAs hot-loaded on the vLLM dynamic worker (``/v1/load_lora_adapter``): a copy of claim,
+    which passes its check and is then served by name through the coordinator with claim's
+    answers, and a LoRA on the vision tower only, which vLLM loads and silently does not apply:
+    its check against the HF reference catches it and the coordinator does not route to it."""
+    from mole.probe import record_probes
+
+    mapping = vllm_stack.mapping
+    good, vision = tmp_path / "claim-hot", tmp_path / "vision-only"
+    shutil.copytree(mapping.adapters["claim"].lora, good)
+    _vision_only_lora(mapping.base_model, vision)
+    record_probes(mapping.base_model, [str(good), str(vision)])
+    url = mapping.worker("vllm-dynamic").url
+    with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60, trust_env=False) as worker:
+        for folder in (good, vision):
+            loaded = worker.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": folder.name, "lora_path": str(folder)}
+            )
+            assert loaded.status_code == 200, loaded.text
+    probe = vllm_stack.run("vllm-dynamic", lambda b: b.health())
+    checks = probe.checks or {}
+    assert checks["claim-hot"] == "ok" and checks["vision-only"].startswith(
+        "inconsistent: answers as the base model"
+    )
+    assert all(checks[a] == "ok" for a in mapping.worker("vllm-dynamic").adapters), checks
+    assert {a.name for a in probe.adapters or []} == {*mapping.worker("vllm-dynamic").adapters, "claim-hot"}
+
+    coordinator = vllm_stack.stack.coordinator.probe_url
+    sample = SCREENS[1]
+    body = {"image_b64": encode_image_b64(sample.image), "prompt": sample.prompt}
+    with httpx.Client(base_url=coordinator, headers=AUTH, timeout=60.0, trust_env=False) as client:
+
+        def checked() -> bool:
+            row = next(w for w in client.get("/workers").json()["workers"] if w["id"] == "vllm-dynamic")
+            return "vision-only" in (row["adapter_checks"] or {})
+
+        wait_for(checked, "the coordinator checked the hot-loaded adapters")
+        hot = client.post("/classify", json={**body, "expert": "claim-hot"})
+        claim = client.post("/classify", json={**body, "expert": "claim"})
+        refused = client.post("/classify", json={**body, "expert": "vision-only"})
+    assert hot.status_code == 200 and hot.json()["worker_id"] == "vllm-dynamic", hot.text
+    assert hot.json()["output"] == claim.json()["output"]
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "adapter_not_found", refused.text
 
 
 def test_coordinator_serves_vllm_workers_and_falls_back_to_hf_when_one_dies(

@@ -507,3 +507,54 @@ def test_vllm_workers_refuse_what_vllm_cannot_load(tmp_path: Path) -> None:
     assert "discover is not supported on vLLM workers" in load_error(tmp_path, doc)
     doc["workers"][1]["engine"] = "tgi"
     assert "engine" in load_error(tmp_path, doc)
+
+
+def _safetensors_header(path: Path, names: list[str]) -> None:
+    """A safetensors file holding ``names`` (one float each): what the engine rules read."""
+    import struct
+
+    header = {
+        n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)
+    }
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * (4 * len(names)))
+
+
+def test_vllm_refuses_a_vision_only_lora_and_warns_of_a_partly_visual_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = base_doc()
+    doc["workers"][1]["engine"] = "vllm"
+    _folders(tmp_path, {"calendar": 16, "claim": 8})
+    visual = "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight"
+    language = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    _safetensors_header(tmp_path / "loras/claim/adapter/adapter_model.safetensors", [visual])
+    message = load_error(tmp_path, doc, check_paths=True)
+    assert 'adapter "claim" has LoRA weights on the vision tower (visual.*) only' in message
+    _safetensors_header(tmp_path / "loras/claim/adapter/adapter_model.safetensors", [visual, language])
+    with caplog.at_level("WARNING"):
+        load_mapping(write(tmp_path, doc), env={}, check_paths=True)
+    assert (
+        'adapter "claim" has 1 LoRA tensors on the vision tower (visual.*), which vLLM ignores' in caplog.text
+    )
+
+
+def test_router_served_by_a_dynamic_vllm_worker_adds_the_router_lora(tmp_path: Path) -> None:
+    from shared.mapping import ROUTER_MODEL_NAME
+    from shared.mapping.engines import vllm_loras
+
+    doc = base_doc()
+    doc["router"]["served_by"] = "dynamic-0"
+    assert 'router.served_by "dynamic-0": must be a dynamic worker with "engine": "vllm"' in load_error(
+        tmp_path, doc
+    )
+    doc["router"]["served_by"] = "nobody"
+    assert 'router.served_by "nobody": no worker has that id' in load_error(tmp_path, doc)
+    doc["router"]["served_by"] = "dynamic-0"
+    doc["workers"][1]["engine"] = "vllm"
+    _folders(tmp_path, {"calendar": 16, "claim": 8})
+    (tmp_path / "router/adapter/adapter_config.json").write_text(json.dumps({"r": 32}))
+    mapping = load_mapping(write(tmp_path, doc), env={}, check_paths=True)
+    loras = vllm_loras(mapping, mapping.workers[1])
+    assert loras.modules[ROUTER_MODEL_NAME] == mapping.router.adapter
+    assert (loras.max_loras, loras.max_lora_rank) == (3, 32)
