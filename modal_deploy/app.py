@@ -13,6 +13,7 @@ from typing import Any
 
 import modal
 
+from modal_deploy.resources import secret, volumes
 from modal_deploy.serving import ContainerApp, load, volume_refresher
 from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, VOLUME_MOUNT, image_packages, spec_from_env
 
@@ -33,10 +34,7 @@ image = (
     .add_local_file(SPEC.mapping_path, MAPPING_IN_IMAGE, copy=False)
     .add_local_python_source(*PACKAGES)
 )
-volumes: dict[str | Any, Any] = {
-    mount: modal.Volume.from_name(name, create_if_missing=True) for mount, name in SPEC.volumes.items()
-}
-secret = modal.Secret.from_name(SPEC.secret, required_keys=SPEC.required_secret_keys)
+VOLUMES = volumes(SPEC)
 
 app = modal.App(SPEC.name)
 
@@ -44,8 +42,8 @@ app = modal.App(SPEC.name)
 @app.cls(
     image=image,
     gpu=SPEC.gpu,
-    volumes=volumes,
-    secrets=[secret],
+    volumes=VOLUMES,
+    secrets=[secret(SPEC)],
     cpu=SPEC.cpu,
     memory=SPEC.memory_mib,
     region=SPEC.region,
@@ -62,7 +60,7 @@ class Service:
         """Once per container: build the service; a worker loads its model before taking traffic."""
         # adapters put on the volume after this container started become visible on a reload
         self.container_app: ContainerApp = load(
-            SPEC, refresh_storage=volume_refresher([volumes[VOLUME_MOUNT]])
+            SPEC, refresh_storage=volume_refresher([VOLUMES[VOLUME_MOUNT]])
         )
 
     @modal.exit()

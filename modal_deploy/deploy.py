@@ -1,6 +1,7 @@
 """``mole modal-deploy``: deploy every worker of a mapping to Modal, then the coordinator.
 
-Each app is one ``modal deploy -m modal_deploy.app --name APP`` with its spec in ``MOLE_MODAL_SPEC``.
+Each app is one ``modal deploy -m modal_deploy.app --name APP`` with its spec in ``MOLE_MODAL_SPEC``
+(``-m modal_deploy.vllm_app`` for a worker on vLLM).
 The workers go first; the URLs Modal gives them become the coordinator's ``MOLE_WORKER_*_URL``
 variables (and are printed, for a mapping used elsewhere). ``--dry-run`` prints the plan only and
 needs neither the ``modal`` package nor a Modal token.
@@ -19,12 +20,11 @@ from modal_deploy.spec import SPEC_ENV, AppSpec, build_specs, load_for_modal, wo
 from shared.errors import ConfigError
 from shared.table import format_table
 
-MODAL_MODULE = "modal_deploy.app"  # the file `modal deploy -m` loads
 _URL = re.compile(r"https://[A-Za-z0-9.-]+\.modal\.run")
 
 
 def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
-    """Aligned table: app, GPU, cpu/memory, region, containers min-max, scale-down, concurrency per
+    """Aligned table: app, engine, GPU, cpu/memory, region, containers min-max, scale-down, concurrency per
     container, the capacity the coordinator sends the app at once (max containers x concurrency),
     auth, URL."""
     rows: list[tuple[str, ...]] = []
@@ -34,6 +34,7 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
         rows.append(
             (
                 s.name,
+                s.engine if s.role == "worker" else "-",
                 s.gpu,
                 f"{s.cpu:g} / {s.memory_mib // 1024} GiB",
                 s.region or "any",
@@ -48,6 +49,7 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
     return format_table(
         (
             "APP",
+            "ENGINE",
             "GPU",
             "CPU / MEM",
             "REGION",
@@ -66,7 +68,7 @@ def deploy_one(spec: AppSpec) -> str | None:
     """Run ``modal deploy`` for ``spec`` (its output streamed to stdout); return the endpoint URL
     it printed, or None. Raises ``RuntimeError`` when the deploy fails."""
     env = {**os.environ, SPEC_ENV: spec.model_dump_json(), "COLUMNS": "300"}  # COLUMNS: no wrapped URLs
-    cmd = [sys.executable, "-m", "modal", "deploy", "-m", MODAL_MODULE, "--name", spec.name]
+    cmd = [sys.executable, "-m", "modal", "deploy", "-m", spec.module, "--name", spec.name]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     url = None

@@ -6,6 +6,11 @@ the container should take traffic only once the model is loaded, so :func:`load`
 lifespan itself (from ``@modal.enter``) and waits for readiness, and the ASGI app handed to Modal
 acknowledges Modal's own lifespan messages without running it a second time. The coordinator's
 lifespan starts tasks on the serving loop (health prober, HTTP client), so Modal runs that one.
+
+A worker on vLLM (``modal_deploy/vllm_app.py``) is vLLM's own server instead, started by
+:func:`vllm_command` behind ``@modal.web_server``: Modal routes traffic to the container once the
+port accepts connections, which vLLM's server does when its engine has loaded (it binds the port
+early and listens when its HTTP server starts).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from modal_deploy.spec import MAPPING_IN_IMAGE, AppSpec
+from modal_deploy.spec import MAPPING_IN_IMAGE, VLLM_PORT, AppSpec
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +132,25 @@ def load(
         container_app.close()
         raise RuntimeError(f"worker {spec.worker_id} failed to load: {service.load_error}")
     return container_app
+
+
+def vllm_command(
+    spec: AppSpec, mapping_path: str | Path = MAPPING_IN_IMAGE, python: str = sys.executable
+) -> list[str]:
+    """What a vLLM worker's container runs: ``mole.vllm_serve`` for the spec's worker, which reads
+    the mapping and the adapters on the container's volumes, takes the worker token from the Modal
+    secret as the server's API key and replaces itself with vLLM's server on :data:`VLLM_PORT`."""
+    if spec.engine != "vllm" or spec.worker_id is None:
+        raise ValueError(f"{spec.name} is not a vLLM worker's app")
+    config = str(mapping_path)
+    return [
+        python,
+        "-m",
+        "mole.vllm_serve",
+        "--config",
+        config,
+        "--worker-id",
+        spec.worker_id,
+        "--port",
+        str(VLLM_PORT),
+    ]

