@@ -101,11 +101,13 @@ class Dispatcher:
 
     # ---- mapping -------------------------------------------------------------------------------
     def update(self, mapping: MoleMapping) -> None:
-        """Adopt a new mapping; replicas with the same id, URL and mode keep their health and counters."""
+        """Adopt a new mapping; replicas with the same id, URL, mode and engine (and vLLM context
+        length) keep their health and counters; the others get a new backend."""
         replicas: dict[str, Replica] = {}
         for spec in mapping.workers:
             old = self._replicas.get(spec.id)
-            if old is not None and old.spec.url == spec.url and old.spec.mode == spec.mode:
+            same = ("url", "mode", "engine", "max_model_len")
+            if old is not None and all(getattr(old.spec, k) == getattr(spec, k) for k in same):
                 old.spec = spec
                 replicas[spec.id] = old
             else:
