@@ -35,7 +35,7 @@ def plan_table(specs: list[AppSpec], workspace: str | None) -> str:
             (
                 s.name,
                 s.engine if s.role == "worker" else "-",
-                s.gpu,
+                s.gpu or "none",
                 f"{s.cpu:g} / {s.memory_mib // 1024} GiB",
                 s.region or "any",
                 f"{s.min_containers}-{s.max_containers}",
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for s in workers:
             assert s.worker_id is not None
-            print(f"\n== deploying {s.name} ({s.gpu})", flush=True)
+            print(f"\n== deploying {s.name} ({s.gpu or 'no GPU'})", flush=True)
             url = deploy_one(s) or (s.url(args.workspace) if args.workspace else None)
             if url is None:
                 raise RuntimeError(

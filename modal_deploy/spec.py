@@ -88,7 +88,7 @@ class AppSpec(BaseModel):
     name: str  # Modal app name, also the web endpoint label
     role: Literal["worker", "coordinator"]
     worker_id: str | None  # None for the coordinator
-    gpu: str  # Modal GPU type, e.g. "H100", "A100-80GB:2"
+    gpu: str | None  # Modal GPU type, e.g. "H100", "A100-80GB:2"; None: CPU only
     volumes: dict[str, str]  # mount path -> modal.Volume name
     secret: str  # modal.Secret name
     required_secret_keys: list[str]  # keys the secret must hold (checked by Modal at deploy)
@@ -252,7 +252,8 @@ def _coordinator_spec(
         name=f"{APP_PREFIX}-coordinator",
         role="coordinator",
         worker_id=None,
-        gpu=COORDINATOR_GPU,
+        # with the router on a vLLM worker (router.served_by) the coordinator loads no model
+        gpu=None if mapping.router.served_by else COORDINATOR_GPU,
         volumes=dict(VOLUMES),
         secret=SECRET_NAME,
         required_secret_keys=list(COORDINATOR_SECRET_KEYS),

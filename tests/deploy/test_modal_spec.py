@@ -65,6 +65,7 @@ def test_one_app_per_worker_then_the_coordinator() -> None:
         assert spec.env == CONTAINER_ENV
         assert spec.url("acme") == f"https://acme--mole-{w.id}.modal.run"
     coordinator = specs[-1]
+    assert coordinator.gpu == "H100"  # the router runs in the coordinator
     assert coordinator.requires_proxy_auth is True and coordinator.env["MOLE_ENV"] == "production"
     assert {"MOLE_WORKER_TOKEN", "MOLE_API_KEYS"} <= set(coordinator.required_secret_keys)
     # The coordinator's copy of the mapping resolves every worker to its Modal endpoint.
@@ -272,6 +273,17 @@ def test_vllm_workers_get_vllm_apps_that_the_coordinator_reaches_like_hf_ones(tm
     urls = {w.id: f"https://real--{w.id}.modal.run" for w in mapping.workers}
     coordinator = build_specs(mapping, worker_urls=urls)[-1]
     assert coordinator.env["MOLE_WORKER_MERGED_CLAIM_URL"] == urls["merged-claim"]
+    assert coordinator.gpu == "H100"  # it runs the router
+
+
+def test_a_coordinator_whose_router_is_on_vllm_gets_no_gpu(tmp_path: Path) -> None:
+    def router_on_vllm(doc: dict[str, Any]) -> None:
+        _on_vllm(doc)
+        doc["router"]["served_by"] = "dynamic-0"
+
+    specs = build_specs(_edited(tmp_path, router_on_vllm), workspace="acme")
+    assert specs[-1].role == "coordinator" and specs[-1].gpu is None
+    assert all(s.gpu == "H100" for s in specs[:-1])
 
 
 def test_dry_run_shows_each_workers_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
