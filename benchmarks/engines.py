@@ -80,7 +80,8 @@ CONNECT_TIMEOUT_S = 5.0
 # On a GPU both vLLM servers share the device with the HF workers: each takes this share of its memory
 # instead of vLLM's default 0.9, which would leave the second server nothing.
 GPU_MEMORY_SHARE = 0.25
-IDLE_TAIL_S = 3.0  # after the last request: the CPU each server still burns with nothing to do
+SETTLE_S = 1.5  # pause after each path's round: vLLM's model worker polls for 1 s after its last step
+LATENCY_ROUNDS = 4  # the latency measurement's alternating rounds
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,20 @@ class Answers:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """One measurement of every path (see :func:`_alternate`)."""
+
+    runs: dict[Path_, Run]
+    cpu_s: dict[Path_, dict[str, float]]  # per path, per process: its rounds and the pause after each
+    pause_cpu_s: dict[Path_, dict[str, float]]  # per path, per process: the pauses only (no requests)
+    rounds: int
+
+
+@dataclass(frozen=True)
 class Processes:
     """Facts about the service processes, for the reading of the figures."""
 
     start_s: dict[str, float | None]  # spawn -> ready
-    idle_cpu_s: dict[str, float]  # CPU seconds in the IDLE_TAIL_S after the last request
     vllm_cores: dict[str, str]  # the cores a vLLM server bound its model threads to (from its log)
 
 
@@ -226,24 +236,18 @@ async def run(ctx: BenchContext) -> Section:
                     name: group_cpu_seconds(s.proc.pid) for name, s in _services(stacks) if s.proc is not None
                 }
 
-            n_lat = ctx.pick(24, 4)
-            latency, _ = await _alternate(calls, n_lat, 1, n_lat // 2, cpu_snapshot)
+            n_lat, settle = ctx.pick(24, 4), ctx.pick(SETTLE_S, 0.0)
+            latency = (
+                await _alternate(calls, n_lat, 1, ctx.pick(LATENCY_ROUNDS, 2), cpu_snapshot, settle)
+            ).runs
             levels = ctx.pick(CONCURRENCY, QUICK_CONCURRENCY)
             throughput: dict[int, dict[Path_, Run]] = {}
-            cpu: dict[Path_, dict[str, float]] = {}
             for c in levels:
                 n = ctx.pick(max(32, 4 * c), 8)
-                throughput[c], cpu = await _alternate(calls, n, c, ctx.pick(2, 1), cpu_snapshot)
-            before = cpu_snapshot()
-            await asyncio.sleep(IDLE_TAIL_S)
-            after = cpu_snapshot()
+                sweep = await _alternate(calls, n, c, ctx.pick(2, 1), cpu_snapshot, settle)
+                throughput[c] = sweep.runs  # the CPU figures: the top level's (the last)
         processes = Processes(
             start_s={name: s.ready_after_s for name, s in _services(stacks)},
-            idle_cpu_s={
-                name: a - b
-                for name, b in before.items()
-                if b is not None and (a := after.get(name)) is not None
-            },
             vllm_cores={
                 name: cores
                 for name, s in _services(stacks)
@@ -259,13 +263,13 @@ async def run(ctx: BenchContext) -> Section:
         _latency_table(latency, n_lat),
         _throughput_table(throughput),
         _answers_table(answers),
-        _cpu_table(cpu, throughput[top], top),
+        _cpu_table(sweep.cpu_s, throughput[top], top),
     ]
     plot = "bench_engines.png"
     _plot(ctx.options.plots / plot, throughput)
     section.plots.append(plot)
     section.checks.append(_check(latency, throughput, answers))
-    section.notes += _notes(ctx, throughput, cpu, processes)
+    section.notes += _notes(ctx, throughput, sweep, processes)
     return section
 
 
@@ -278,14 +282,18 @@ async def _alternate(
     concurrency: int,
     rounds: int,
     snapshot: Callable[[], dict[str, float | None]],
-) -> tuple[dict[Path_, Run], dict[Path_, dict[str, float]]]:
+    settle_s: float,
+) -> Sweep:
     """Every path with the same ``n`` requests at ``concurrency``, split into ``rounds`` alternating
     rounds (A B C, C B A, ...), as :func:`benchmarks.core.side_by_side`; also the CPU seconds every
-    service process group spent while each path ran (the others idle meanwhile)."""
+    service process group spent from the start of each path's round to ``settle_s`` after its end
+    (what the path's requests cost, polling after the last one included). The pause keeps one path's
+    leftover work from slowing the next one."""
     rounds = max(1, min(rounds, n))
     per = [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
     runs: dict[Path_, list[Run]] = {p: [] for p in calls}
     cpu: dict[Path_, dict[str, float]] = {p: {} for p in calls}
+    pause: dict[Path_, dict[str, float]] = {p: {} for p in calls}
     names = list(calls)
     start = 0
     for r, count in enumerate(per):
@@ -297,11 +305,20 @@ async def _alternate(
 
             before = snapshot()
             runs[p].append(await closed_loop(shifted, count, concurrency))
-            for name, after in snapshot().items():
-                if after is not None and before.get(name) is not None:
-                    cpu[p][name] = cpu[p].get(name, 0.0) + after - (before[name] or 0.0)
+            done = snapshot()
+            await asyncio.sleep(settle_s)
+            after = snapshot()
+            _add(cpu[p], before, after)
+            _add(pause[p], done, after)
         start += count
-    return {p: merge_runs(rs) for p, rs in runs.items()}, cpu
+    return Sweep({p: merge_runs(rs) for p, rs in runs.items()}, cpu, pause, rounds)
+
+
+def _add(into: dict[str, float], before: dict[str, float | None], after: dict[str, float | None]) -> None:
+    for name, a in after.items():
+        b = before.get(name)
+        if a is not None and b is not None:
+            into[name] = into.get(name, 0.0) + a - b
 
 
 # ---- the stacks ---------------------------------------------------------------------------------
@@ -423,7 +440,13 @@ def _method(ctx: BenchContext, n_lat: int, levels: tuple[int, ...], tp: dict[int
         "a router served on vLLM is not measured yet) with screens of all four kinds. Greedy, at most 16 "
         f"new tokens; latency one request at a time ({n_lat} per path), throughput with "
         f"{', '.join(map(str, levels))} closed-loop clients ({', '.join(str(_n(tp, c)) for c in levels)} "
-        "requests per path); all six paths in alternating rounds, the load generator on the same machine."
+        "requests per path); all six paths in alternating rounds"
+        + (
+            f" with a {SETTLE_S:g} s pause after each (vLLM's model worker polls for 1 s after its last step)"
+            if not ctx.quick
+            else ""
+        )
+        + ", the load generator on the same machine."
     )
 
 
@@ -488,25 +511,27 @@ def _cpu_ms(cpu: dict[Path_, dict[str, float]], p: Path_, runs: dict[Path_, Run]
     return {name: s * 1000 / max(1, runs[p].n) for name, s in cpu[p].items()}
 
 
-def _path_cpu(cpu: dict[Path_, dict[str, float]], p: Path_, runs: dict[Path_, Run]) -> float:
-    """Server CPU ms per request of path ``p``: its worker, or its coordinator and both workers."""
+def _own(p: Path_) -> list[str]:
+    """The processes path ``p`` keeps busy: its worker, or its coordinator and both workers."""
     engine, kind = p
-    own = (
-        [WORKERS[engine]["merged"], WORKERS[engine]["dynamic"], f"coordinator-{engine}"]
-        if kind == "system"
-        else [WORKERS[engine][kind]]
-    )
+    if kind == "system":
+        return [WORKERS[engine]["merged"], WORKERS[engine]["dynamic"], f"coordinator-{engine}"]
+    return [WORKERS[engine][kind]]
+
+
+def _path_cpu(cpu: dict[Path_, dict[str, float]], p: Path_, runs: dict[Path_, Run]) -> float:
+    """Server CPU ms per request of path ``p`` (its own processes)."""
     per = _cpu_ms(cpu, p, runs)
-    return sum(per.get(name, 0.0) for name in own)
+    return sum(per.get(name, 0.0) for name in _own(p))
 
 
 def _cpu_table(cpu: dict[Path_, dict[str, float]], runs: dict[Path_, Run], c: int) -> Table:
     t = Table(["path", "HF CPU ms per request", "vLLM CPU ms per request", "vLLM / HF"])
     t.caption = (
         f"Server CPU per request at concurrency {c}: user + system time of the path's processes (a vLLM "
-        "server with its engine-core process; the whole system: the coordinator and both workers) over "
-        f"its measured rounds, divided by the requests served. With {os.cpu_count()} cores a path's "
-        "ceiling is cores / CPU per request."
+        "server with its engine-core and model-worker processes; the whole system: the coordinator and both "
+        "workers) over its measured rounds and the pause after each, divided by the requests served. With "
+        f"{os.cpu_count()} cores a path's ceiling is cores / CPU per request."
     )
     for kind in KINDS:
         hf, vl = _path_cpu(cpu, ("hf", kind), runs), _path_cpu(cpu, ("vllm", kind), runs)
@@ -555,12 +580,13 @@ def _check(
 def _notes(
     ctx: BenchContext,
     tp: dict[int, dict[Path_, Run]],
-    cpu: dict[Path_, dict[str, float]],
+    sweep: Sweep,
     processes: Processes,
 ) -> list[str]:
     top = max(tp)
     runs = tp[top]
     gains = {k: ratio(runs[("vllm", k)].rps, runs[("hf", k)].rps) for k in KINDS}
+    cpu = sweep.cpu_s
     cpu_ratio = {k: ratio(_path_cpu(cpu, ("vllm", k), runs), _path_cpu(cpu, ("hf", k), runs)) for k in KINDS}
     on_cpu = not ctx.options.device.startswith("cuda")
     notes = []
@@ -580,11 +606,16 @@ def _notes(
                     else "."
                 )
             )
-    idle = {name: v for name, v in processes.idle_cpu_s.items() if not name.startswith("coordinator")}
-    if idle:
+    if sweep.pause_cpu_s and SETTLE_S and not ctx.quick:
+        idle = {
+            p: sum(sweep.pause_cpu_s[p].get(name, 0.0) for name in _own(p)) / sweep.rounds
+            for p in sweep.pause_cpu_s
+            if p[1] != "system"
+        }
         notes.append(
-            f"CPU each worker burned in the {IDLE_TAIL_S:g} s after the last request, with nothing to do: "
-            + ", ".join(f"{name} {v:.2f} s" for name, v in idle.items())
+            f"CPU a path's worker burned in the {SETTLE_S:g} s pause after its round at {top} clients, with "
+            "nothing to do (mean per round): "
+            + ", ".join(f"{_label(p)} {v:.2f} s" for p, v in idle.items())
             + "."
         )
     if on_cpu:
@@ -602,7 +633,7 @@ def _notes(
             "Reading the CPU figures: on a tiny model (0.24 M parameters) a forward costs about a millisecond "
             "and the work around it decides. vLLM's CPU build runs the engine core and the model worker in "
             "processes of their own next to its OpenAI server, handing every step over shared memory, whose "
-            "reader polls for a second after each read before it sleeps (the idle CPU above); "
+            "reader polls for a second after its last read before it sleeps (the pause CPU above); "
             + pinned
             + "and mole's HF workers are one process each with one torch thread. The worker rows take one "
             "server at a time; the whole-system rows keep both of an engine's servers busy next to the "
