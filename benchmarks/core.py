@@ -124,6 +124,27 @@ def cpu_seconds(pid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def group_cpu_seconds(pgid: int) -> float | None:
+    """User + system CPU time of every live process in process group ``pgid`` (a service started in
+    its own session, with the helpers it spawned: vLLM's engine core runs in a child process); None
+    where ``/proc`` is missing. A child that already exited is not counted."""
+    total, found = 0.0, False
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since the listing
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            total += (int(fields[11]) + int(fields[12])) / tick
+            found = True
+    return total if found else None
+
+
 def tensor_mb(model: Any) -> float:
     """Bytes held by a model's parameters and buffers, in MiB (exact, device-independent)."""
     total = sum(t.numel() * t.element_size() for t in model.parameters())

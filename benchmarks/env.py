@@ -242,7 +242,7 @@ class BenchContext:
         stack.start()
         try:
             stack.wait_ready(READY_TIMEOUT_S)
-            _wait_workers_up(stack.coordinator.probe_url, time.monotonic() + READY_TIMEOUT_S)
+            wait_workers_up(stack.coordinator.probe_url, time.monotonic() + READY_TIMEOUT_S)
         except BaseException:
             stack.stop()
             raise
@@ -295,7 +295,7 @@ def describe_model(ctx: BenchContext) -> dict[str, str]:
     }
 
 
-def _wait_workers_up(coordinator_url: str, deadline: float) -> None:
+def wait_workers_up(coordinator_url: str, deadline: float) -> None:
     """Wait until the coordinator's prober has seen every worker up (``GET /workers``)."""
     import httpx
 

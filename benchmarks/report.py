@@ -53,10 +53,11 @@ def render(
     sections: Sequence[Section],
     failures: dict[str, str],
     seconds: float,
+    skipped: dict[str, str] | None = None,
     load_start: tuple[float, float, float],
     load_end: tuple[float, float, float],
 ) -> str:
-    """The whole markdown document."""
+    """The whole markdown document; ``skipped``: scenarios that could not run here, with why."""
     lines = [
         "# mole benchmarks",
         "",
@@ -102,6 +103,8 @@ def render(
                 lines += [f"- **{s.title}**: {c.note}", ""]
     for key, error in failures.items():
         lines += [f"**Scenario `{key}` failed**: `{error}`", ""]
+    for key, reason in (skipped or {}).items():
+        lines += [f"**Scenario `{key}` skipped**: {reason}", ""]
 
     for s in sections:
         lines += [f"## {s.title}", ""]

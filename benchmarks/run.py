@@ -19,7 +19,9 @@ from typing import Any
 
 PROG = "mole-bench"  # the console script (pyproject.toml); `python -m benchmarks` runs the same
 
-# scenario key -> module with ``async def run(ctx) -> Section``; the document follows this order
+# scenario key -> module with ``async def run(ctx) -> Section`` (and, where the scenario needs
+# something the suite does not install, ``def unavailable(options) -> str | None``: why it cannot run
+# here); the document follows this order
 SCENARIOS: dict[str, str] = {
     "merged-vs-dynamic": "benchmarks.merged_vs_dynamic",
     "batching": "benchmarks.batching",
@@ -29,6 +31,7 @@ SCENARIOS: dict[str, str] = {
     "cost-growth": "benchmarks.cost_growth",
     "router-budget": "benchmarks.router_budget",
     "label-growth": "benchmarks.label_growth",
+    "engines": "benchmarks.engines",
 }
 
 
@@ -68,6 +71,23 @@ def _selected(only: list[str] | None) -> list[str]:
     if unknown:
         raise SystemExit(f"{PROG}: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     return [name for name in SCENARIOS if name in wanted]
+
+
+def _runnable(selected: list[str], explicit: bool, options: Any) -> tuple[list[str], dict[str, str]]:
+    """The selected scenarios that can run here, and the others with the reason. A scenario asked
+    for by name (``--only``) that cannot run stops the suite with that reason instead."""
+    runnable, skipped = [], {}
+    for key in selected:
+        module = importlib.import_module(SCENARIOS[key])
+        unavailable = getattr(module, "unavailable", None)
+        reason = unavailable(options) if unavailable is not None else None
+        if reason is None:
+            runnable.append(key)
+        elif explicit:
+            raise SystemExit(f"{PROG}: scenario {key} cannot run: {reason}")
+        else:
+            skipped[key] = reason
+    return runnable, skipped
 
 
 def _command(args: argparse.Namespace, selected: list[str]) -> str:
@@ -124,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quick=args.quick,
     )
+    runnable, skipped = _runnable(selected, bool(args.only), options)
     threads_before = torch.get_num_threads()
     if not device.startswith("cuda"):
         torch.set_num_threads(args.threads)
@@ -132,11 +153,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{PROG}: demo assets in {assets}", flush=True)
     build_demo_assets(assets, log=lambda msg: print(f"  {msg}", flush=True))
     ctx = BenchContext(options)
+    for key, reason in skipped.items():
+        print(f"{PROG}: {key} skipped: {reason}", flush=True)
     sections = []
     failures: dict[str, str] = {}
 
     async def main() -> None:
-        for key in selected:
+        for key in runnable:
             module = importlib.import_module(SCENARIOS[key])
             print(f"{PROG}: {key} ...", flush=True)
             before, t0 = loadavg(), time.perf_counter()
@@ -172,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         model=describe_model(ctx),
         sections=sections,
         failures=failures,
+        skipped=skipped,
         seconds=seconds,
         load_start=load_start,
         load_end=loadavg(),
@@ -191,4 +215,6 @@ def describe_settings(ctx: Any) -> dict[str, str]:
         "inputs": "synthetic app screenshots (mole.synthetic), 128×96 px PNG, base64 on the wire",
         "workers in scenarios 1-3 and 6": "real in-process `WorkerService` (no HTTP layer)",
         "scenarios 4-5": "real `mole coordinator` + `mole worker` processes over loopback HTTP",
+        "scenario 9": "real `mole worker` and vLLM OpenAI server processes, each engine behind its own "
+        "`mole coordinator`, over loopback HTTP",
     }
