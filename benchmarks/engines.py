@@ -53,7 +53,6 @@ from benchmarks.env import (
 )
 from benchmarks.report import figure
 from mole.vllm_worker import VllmLaunch
-from shared.mapping import MoleMapping, WorkerSpec
 
 if TYPE_CHECKING:
     from mole.supervisor import ServiceProcess, Stack
@@ -112,14 +111,6 @@ def unavailable(options: Options) -> str | None:
         f"vLLM's env is not installed ({python} does not exist): run `make install-vllm`, or set "
         "MOLE_VLLM_PYTHON to the python of an environment with vLLM"
     )
-
-
-class _SharedGpuLaunch(VllmLaunch):
-    """:class:`VllmLaunch` plus ``--gpu-memory-utilization`` (two vLLM servers on one GPU; mole's own
-    launch has no such setting yet)."""
-
-    def command(self, mapping: MoleMapping, worker: WorkerSpec) -> list[str]:
-        return [*super().command(mapping, worker), "--gpu-memory-utilization", str(GPU_MEMORY_SHARE)]
 
 
 @dataclass
@@ -334,7 +325,13 @@ def _write_mapping(assets: Path, engine: Engine, out: Path) -> Path:
     workers = [by_id[WORKERS["hf"]["merged"]], by_id[WORKERS["hf"]["dynamic"]]]
     if engine == "vllm":
         workers = [
-            {**w, "id": WORKERS["vllm"][kind], "engine": "vllm", "max_model_len": MAX_MODEL_LEN}
+            {
+                **w,
+                "id": WORKERS["vllm"][kind],
+                "engine": "vllm",
+                "max_model_len": MAX_MODEL_LEN,
+                "gpu_memory_utilization": GPU_MEMORY_SHARE,  # two servers on one GPU (ignored on CPU)
+            }
             for w, kind in zip(workers, ("merged", "dynamic"), strict=True)
         ]
     doc["workers"] = workers
@@ -343,10 +340,8 @@ def _write_mapping(assets: Path, engine: Engine, out: Path) -> Path:
 
 
 def _launch(ctx: BenchContext) -> VllmLaunch:
-    """vLLM's launch for ``--device``: CPU settings on cpu (``VllmLaunch.of`` reads the device), and
-    a shared GPU otherwise."""
-    launch = VllmLaunch.of(ctx.settings())
-    return launch if launch.cpu else _SharedGpuLaunch(launch.python, launch.token, launch.cpu)
+    """vLLM's launch for ``--device``: CPU settings on cpu (``VllmLaunch.of`` reads the device)."""
+    return VllmLaunch.of(ctx.settings())
 
 
 def _start_one(ctx: BenchContext, engine: Engine) -> Stack:

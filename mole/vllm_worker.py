@@ -77,6 +77,8 @@ def vllm_args(mapping: MoleMapping, worker: WorkerSpec, *, cpu: bool) -> list[st
     ]
     if worker.max_model_len is not None:
         args += ["--max-model-len", str(worker.max_model_len)]
+    if worker.gpu_memory_utilization is not None and not cpu:
+        args += ["--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
     if cpu:
         args += ["--dtype", "float32"]  # as mole's workers on CPU: answers equal theirs
     size = vllm_image_size(mapping.model_path(worker.id), worker.max_pixels, worker.min_pixels)

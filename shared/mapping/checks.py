@@ -183,6 +183,9 @@ def served_base_name_is_free(m: MoleMapping) -> Iterator[str]:
 
 def vllm_workers_load_at_start(m: MoleMapping) -> Iterator[str]:
     for i, w in enumerate(m.workers):
+        for key in ("max_model_len", "gpu_memory_utilization"):
+            if w.engine != "vllm" and getattr(w, key) is not None:
+                yield f"{_worker_entry(i, w)}: {key} is a vLLM setting; this worker's engine is {w.engine}"
         if w.engine == "vllm" and w.discover is not None:
             yield f"{_worker_entry(i, w)}: discover is not supported on vLLM workers (they load their adapters at start)"
 

@@ -213,6 +213,9 @@ class WorkerSpec(_HasUrl):
     mode: Mode  # "merged": one standalone checkpoint; "dynamic": base + many LoRAs
     engine: Engine = "hf"  # "hf": mole's worker (transformers + PEFT); "vllm": a vLLM OpenAI server
     max_model_len: int | None = Field(default=None, ge=64)  # vllm: context length (None: the model's)
+    # vllm on a GPU: the share of its memory the server takes (None: vLLM's 0.9); set it below
+    # 1 / (servers on that GPU) when several vLLM workers share one
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     adapters: list[str] = Field(default_factory=list)  # adapter names it holds
     model: str | None = None  # merged: checkpoint (default: adapter's merged); dynamic: None -> base_model
     discover: str | None = None  # dynamic only: folder whose <name>/adapter subfolders are loaded too

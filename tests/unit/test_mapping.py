@@ -558,3 +558,20 @@ def test_router_served_by_a_dynamic_vllm_worker_adds_the_router_lora(tmp_path: P
     loras = vllm_loras(mapping, mapping.workers[1])
     assert loras.modules[ROUTER_MODEL_NAME] == mapping.router.adapter
     assert (loras.max_loras, loras.max_lora_rank) == (3, 32)
+
+
+def test_gpu_memory_utilization_reaches_a_gpu_vllm_server_and_is_refused_on_hf_workers(
+    tmp_path: Path,
+) -> None:
+    from mole.vllm_worker import vllm_args
+
+    doc = base_doc()
+    doc["workers"][1].update(engine="vllm", gpu_memory_utilization=0.4)
+    _folders(tmp_path, {"calendar": 16, "claim": 8})
+    mapping = load_mapping(write(tmp_path, doc), env={}, check_paths=True)
+    gpu = vllm_args(mapping, mapping.workers[1], cpu=False)
+    assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.4"
+    assert "--gpu-memory-utilization" not in vllm_args(mapping, mapping.workers[1], cpu=True)
+    doc["workers"][0]["gpu_memory_utilization"] = 0.4
+    message = load_error(tmp_path, doc)
+    assert 'workers[0] "merged-calendar": gpu_memory_utilization is a vLLM setting' in message
