@@ -11,7 +11,8 @@ Two stacks started as ``mole up`` starts them (:class:`mole.supervisor.Stack`), 
 Paths measured, each on both engines: a worker straight through the coordinator's own backend
 (``HttpBackend`` / ``VllmBackend``, the call the coordinator makes), merged and dynamic, the
 ``calendar`` adapter on calendar screens; and the whole system, ``POST /classify`` on the engine's
-coordinator (its router in-process, as today) with screens of all four kinds. Latency one request at
+coordinator with screens of all four kinds: on HF the router runs in the coordinator, on vLLM it is
+served by ``vllm-dynamic`` (``router.served_by``), so the vLLM coordinator loads no model. Latency one request at
 a time, throughput with 1, 8, 16 and 32 closed-loop clients, every path in alternating rounds; every
 answer is checked against the expert's expected answer and the vLLM answer against the HF answer to
 the same screen. On ``--device cuda`` the HF workers run on the GPU and vLLM gets its GPU settings.
@@ -87,17 +88,15 @@ LATENCY_ROUNDS = 4  # the latency measurement's alternating rounds
 class SystemRow:
     """One whole-system path: a coordinator in front of ``engine``'s workers.
 
-    ``router`` says where the router runs: ``"coordinator"`` (in-process, as today) is the only value
-    measured. ROUTER ON vLLM: once the mapping has ``router.served_by`` (the router LoRA served by a
-    vLLM worker), add ``SystemRow("vllm", router="vllm")`` to :data:`SYSTEM_ROWS` and have
-    :func:`_write_mapping` point the vLLM stack's ``router.served_by`` at ``vllm-dynamic``.
+    ``router`` says where the router runs: ``"coordinator"`` (in-process) or ``"vllm"`` (the router
+    LoRA served by the stack's dynamic vLLM worker, ``router.served_by``; see :func:`_write_mapping`).
     """
 
     engine: Engine
-    router: Literal["coordinator"] = "coordinator"
+    router: Literal["coordinator", "vllm"] = "coordinator"
 
 
-SYSTEM_ROWS = (SystemRow("hf"), SystemRow("vllm"))
+SYSTEM_ROWS = (SystemRow("hf"), SystemRow("vllm", router="vllm"))
 
 
 def unavailable(options: Options) -> str | None:
@@ -335,6 +334,8 @@ def _write_mapping(assets: Path, engine: Engine, out: Path) -> Path:
             for w, kind in zip(workers, ("merged", "dynamic"), strict=True)
         ]
     doc["workers"] = workers
+    if any(row.engine == engine and row.router == "vllm" for row in SYSTEM_ROWS):
+        doc["router"]["served_by"] = WORKERS["vllm"]["dynamic"]  # the whole system on vLLM
     path.write_text(json.dumps(doc, indent=2))
     return path
 
@@ -431,8 +432,9 @@ def _method(ctx: BenchContext, n_lat: int, levels: tuple[int, ...], tp: dict[int
         f"`vllm-dynamic` (`--enable-lora`), behind their own `mole coordinator`; {where}. "
         "*Merged / dynamic worker*: the `calendar` adapter on calendar screens, sent straight to the worker "
         "through the coordinator's own backend (`HttpBackend` / `VllmBackend`: what the coordinator sends "
-        "it). *Whole system*: `POST /classify` on the engine's coordinator (router in-process, as today; "
-        "a router served on vLLM is not measured yet) with screens of all four kinds. Greedy, at most 16 "
+        "it). *Whole system*: `POST /classify` on the engine's coordinator with screens of all four kinds; "
+        "on HF the router runs in the coordinator, on vLLM it is served by `vllm-dynamic` "
+        "(`router.served_by`: the coordinator loads no model). Greedy, at most 16 "
         f"new tokens; latency one request at a time ({n_lat} per path), throughput with "
         f"{', '.join(map(str, levels))} closed-loop clients ({', '.join(str(_n(tp, c)) for c in levels)} "
         "requests per path); all six paths in alternating rounds"
