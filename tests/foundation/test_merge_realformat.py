@@ -168,6 +168,12 @@ def reset_peak():
 
 base, adapter, out = (Path(a) for a in sys.argv[1:4])
 load_processor(base), default_probes()  # tokenizer and probe images: not the merge's memory
+# the kernels a merge runs, once on a tiny tensor: their code pages (~15 MB, paged in on first use,
+# or not, depending on the process) are not the merge's memory either
+from safetensors.torch import load_file, save_file
+w = torch.ones(64, 64)
+save_file({"w": (w + w @ w.T).to(torch.bfloat16)}, str(out / "warm.safetensors"))
+load_file(str(out / "warm.safetensors"))["w"].float().sum()
 reset_peak(); start = vm("VmRSS")
 stream_merge(base, adapter, out / "stream", dtype="bfloat16")
 stream = vm("VmHWM") - start
