@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mole.demo_assets import free_port as free_port  # re-exported for the tests
 from mole.demo_assets import relocated_mapping
@@ -156,3 +159,15 @@ def production_on_vllm(root: Path, *, ranks: dict[str, int] | None = None) -> Pa
 def vllm_env(root: Path) -> dict[str, str]:
     """The ``${VAR}`` values that put :func:`production_on_vllm`'s paths under ``root``."""
     return {"MOLE_MODEL_ROOT": str(root / "models"), "MOLE_VOLUME": str(root / "vol")}
+
+
+def vllm_python() -> str:
+    """The python of vLLM's env (``MOLE_VLLM_PYTHON``, else ``.venv-vllm``). Without it the calling
+    test is skipped, except under ``MOLE_REQUIRE_VLLM=1`` (``make test``), where it fails."""
+    python = os.environ.get("MOLE_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
+    if not Path(python).exists():
+        message = f"vLLM's env is not installed ({python}); run `make install-vllm`"
+        if os.environ.get("MOLE_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

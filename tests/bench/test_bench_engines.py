@@ -7,26 +7,15 @@ where its absence fails it. No timing assertions: this machine is shared.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import vllm_python
 
 from benchmarks.env import Options
 from benchmarks.report import render
 from benchmarks.run import SCENARIOS, _runnable, main
-
-
-def _vllm_python() -> str:
-    python = os.environ.get("MOLE_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
-    if not Path(python).exists():
-        message = f"vLLM's env is not installed ({python}); run `make install-vllm`"
-        if os.environ.get("MOLE_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
 
 
 def _rows(text: str, first_cell: str) -> list[list[str]]:
@@ -38,7 +27,7 @@ def _rows(text: str, first_cell: str) -> list[list[str]]:
 def test_bench_quick_engines_answers_alike_on_hf_and_vllm(
     demo_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MOLE_VLLM_PYTHON", _vllm_python())
+    monkeypatch.setenv("MOLE_VLLM_PYTHON", vllm_python())
     out = tmp_path / "benchmarks.md"
     argv = ["--assets", str(demo_assets), "--quick", "--only", "engines", "--out", str(out)]
 

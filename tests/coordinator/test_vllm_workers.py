@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from pydantic import SecretStr
-from support import REPO, ThreadServer, demo_mapping_copy, free_port, wait_for
+from support import ThreadServer, demo_mapping_copy, free_port, vllm_python, wait_for
 
 from coordinator.app import create_app
 from coordinator.backends import CallContext, HttpBackend
@@ -49,16 +48,6 @@ VLLM_WORKERS = ("vllm-calendar", "vllm-dynamic")
 HF_WORKERS = ("merged-calendar", "dynamic-0")
 T = TypeVar("T")
 DISPATCH = {"connect_timeout_s": 1.0, "request_timeout_s": 60.0, "probe_interval_s": 0.3, "retries": 1}
-
-
-def _vllm_python() -> str:
-    python = os.environ.get("MOLE_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
-    if not Path(python).exists():
-        message = f"vLLM's env is not installed ({python}); run `make install-vllm`"
-        if os.environ.get("MOLE_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
 
 
 @dataclass
@@ -106,7 +95,7 @@ def _write_mapping(assets: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_stack(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmStack]:
-    python = _vllm_python()
+    python = vllm_python()
     root = tmp_path_factory.mktemp("vllm")
     path = _write_mapping(demo_assets, root)
     stack = Stack(

