@@ -5,7 +5,7 @@ is sized at start-up: ``--max-loras`` (adapters in one batch) and ``--max-lora-r
 one of :data:`VLLM_LORA_RANKS` and at least every adapter's rank; vLLM loads no DoRA adapter and no
 adapter that trains whole modules (``modules_to_save``), and it loads LoRA weights on the vision
 tower (``visual.*``) without applying them: an adapter with only those is refused, one with some
-is warned about (:func:`vllm_warnings`). These read the adapters' folders, so they
+is warned about (:func:`vllm_findings`). These read the adapters' folders, so they
 run where the files are (``load_mapping(check_paths=True)``, ``mole up``), not on every load.
 """
 
@@ -75,17 +75,23 @@ class VllmLoras:
     modules: dict[str, str]  # adapter name -> folder
     max_loras: int
     max_lora_rank: int
+    warnings: list[str]  # adapters it serves but vLLM applies only in part (vision-tower weights)
 
 
 def vllm_loras(m: MoleMapping, worker: WorkerSpec) -> VllmLoras:
     """The LoRA settings of a dynamic vLLM worker (with the router LoRA when it serves the router);
-    ``ValueError`` naming the adapter vLLM cannot serve (see :func:`vllm_problems`)."""
+    ``ValueError`` naming the adapter vLLM cannot serve (see :func:`vllm_findings`)."""
     modules = m.adapters_on(worker.id, discover=False)
     if m.router.served_by == worker.id:  # the router LoRA too, under its own name
         modules[ROUTER_MODEL_NAME] = m.router.adapter
     ranks = [1]
+    warnings = []
     for name, folder in modules.items():
         shape = lora_shape(folder)
+        if shape.visual and shape.language:
+            warnings.append(
+                f'adapter "{name}" has {shape.visual} LoRA tensors on the vision tower (visual.*), which vLLM ignores'
+            )
         if shape.visual and not shape.language:
             raise ValueError(
                 f'adapter "{name}" has LoRA weights on the vision tower (visual.*) only: vLLM loads '
@@ -101,31 +107,7 @@ def vllm_loras(m: MoleMapping, worker: WorkerSpec) -> VllmLoras:
         ranks.append(shape.rank)
     rank = vllm_rank(max(ranks))
     assert rank is not None
-    return VllmLoras(modules, max_loras=max(1, len(modules)), max_lora_rank=rank)
-
-
-def vllm_warnings(m: MoleMapping) -> list[str]:
-    """One message per adapter a vLLM worker serves with vision-tower LoRA weights next to
-    language ones: vLLM applies only the latter, so its answers may differ from the HF worker's
-    (the coordinator's adapter check compares them)."""
-    warnings = []
-    for w in m.workers:
-        if w.engine == "vllm" and w.mode == "dynamic":
-            for name, folder in vllm_loras_or_none(m, w).items():
-                shape = lora_shape(folder)
-                if shape.visual and shape.language:
-                    warnings.append(
-                        f'workers "{w.id}": adapter "{name}" has {shape.visual} LoRA tensors on the vision '
-                        "tower (visual.*), which vLLM ignores"
-                    )
-    return warnings
-
-
-def vllm_loras_or_none(m: MoleMapping, worker: WorkerSpec) -> dict[str, str]:
-    try:
-        return vllm_loras(m, worker).modules
-    except ValueError:
-        return {}
+    return VllmLoras(modules, max_loras=max(1, len(modules)), max_lora_rank=rank, warnings=warnings)
 
 
 def vllm_image_size(
@@ -150,13 +132,17 @@ def vllm_image_size(
     return {"shortest_edge": min(low, high), "longest_edge": high}
 
 
-def vllm_problems(m: MoleMapping) -> list[str]:
-    """One message per dynamic vLLM worker that vLLM could not start with its adapters."""
-    problems = []
+def vllm_findings(m: MoleMapping) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the dynamic vLLM workers, each adapter folder read once: one problem
+    per worker vLLM could not start with its adapters; one warning per adapter with vision-tower
+    LoRA weights next to language ones (vLLM applies only the latter, so its answers may differ from
+    the HF worker's; the coordinator's adapter check compares them)."""
+    problems: list[str] = []
+    warnings: list[str] = []
     for i, w in enumerate(m.workers):
         if w.engine == "vllm" and w.mode == "dynamic":
             try:
-                vllm_loras(m, w)
+                warnings += [f'workers "{w.id}": {note}' for note in vllm_loras(m, w).warnings]
             except ValueError as exc:
                 problems.append(f'workers[{i}] "{w.id}": {exc}')
-    return problems
+    return problems, warnings

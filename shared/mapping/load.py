@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from shared.errors import ConfigError
 from shared.mapping.checks import consistency_problems
-from shared.mapping.engines import vllm_problems, vllm_warnings
+from shared.mapping.engines import vllm_findings
 from shared.mapping.schema import MoleMapping
 
 logger = logging.getLogger(__name__)
@@ -215,15 +215,17 @@ def parse_mapping(
         raise ConfigError(_problems_message(prefix, problems), problems=problems) from None
     _resolve_paths(mapping, Path(base_dir))
     problems = consistency_problems(mapping)
+    warnings: list[str] = []
     if not problems:
         _fill_worker_models(mapping)
         if check_paths:
-            problems = _path_problems(mapping) or vllm_problems(mapping)
+            problems = _path_problems(mapping)
+        if check_paths and not problems:
+            problems, warnings = vllm_findings(mapping)
     if problems:
         raise ConfigError(_problems_message(prefix, problems), problems=problems)
-    if check_paths:
-        for warning in vllm_warnings(mapping):
-            logger.warning("%s", warning)
+    for warning in warnings:
+        logger.warning("%s", warning)
     return mapping
 
 
