@@ -22,6 +22,7 @@ coordinator). A router worker that fails or does not answer in time is :class:`R
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -37,6 +38,13 @@ from shared.mapping.engines import vllm_image_size
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)
+def _image_size(base_model: str, max_pixels: int | None) -> dict[str, int] | None:
+    """The router's image size for vLLM, read from the checkpoint once, not per routed image. Always
+    sent: the worker's own budget (its ``--mm-processor-kwargs``) must not apply to routing."""
+    return vllm_image_size(base_model, max_pixels, None, always=True)
 
 
 class VllmRouter:
@@ -102,8 +110,7 @@ class VllmRouter:
             {"type": "text", "text": config.text},
         ]
         body: dict[str, Any] = {"model": ROUTER_MODEL_NAME, "messages": [{"role": "user", "content": user}]}
-        # always sent: the worker's own image budget (--mm-processor-kwargs) must not apply
-        size = vllm_image_size(self.base_model, config.max_pixels, None, always=True)
+        size = _image_size(self.base_model, config.max_pixels)
         if size is not None:
             body["mm_processor_kwargs"] = {"size": size}
         # every label's every token, asked after the label's tokens before it: one request per
