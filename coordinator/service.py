@@ -258,17 +258,18 @@ class CoordinatorService:
                 scan_image, req.image_b64, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels
             )
             router = active.router
-            if explicit is not None and not mapping.router.shadow:
-                pass  # no routing
-            elif isinstance(router, VllmRouter):  # the image goes as received: nothing decoded here
-                scores = await router.score_b64(req.image_b64, active.config, deadline=deadline)
-            else:
-                with self.pixels.hold(scanned.pixels):  # the decoded image lives for the routing forward only
-                    image = await asyncio.to_thread(scanned.decode)
-                    try:
-                        scores = await router.score(image, active.config, deadline=deadline)
-                    finally:
-                        del image
+            if explicit is None or mapping.router.shadow:
+                if isinstance(router, VllmRouter):  # the image goes as received: nothing decoded here
+                    scores = await router.score_b64(req.image_b64, active.config, deadline=deadline)
+                else:
+                    with self.pixels.hold(
+                        scanned.pixels
+                    ):  # the decoded image lives for the routing forward only
+                        image = await asyncio.to_thread(scanned.decode)
+                        try:
+                            scores = await router.score(image, active.config, deadline=deadline)
+                        finally:
+                            del image
             decision = decide(mapping, scores, explicit)
         route_ms = ms_since(t0)
         self.stats.route(decision, shadow=mapping.router.shadow)

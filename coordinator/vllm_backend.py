@@ -133,10 +133,9 @@ class VllmBackend:
         self.mode = spec.mode
         self.max_model_len = spec.max_model_len
         self._client = client
-        self._token = token
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}  # vLLM's --api-key
         self._adapter_spec = adapter_spec
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.checker = AdapterChecker(spec.id, spec.url, client, headers, self._probe_folder)
+        self.checker = AdapterChecker(spec.id, spec.url, client, self._auth, self._probe_folder)
 
     def _probe_folder(self, name: str, root: str | None) -> str | None:
         """Where ``name``'s probe record is: its LoRA folder in the mapping, else the folder vLLM
@@ -182,9 +181,7 @@ class VllmBackend:
         return body
 
     def _request(self, request: InferRequest, call: CallContext, *, stream: bool) -> httpx.Request:
-        headers = {REQUEST_ID_HEADER: call.request_id}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        headers = {REQUEST_ID_HEADER: call.request_id, **self._auth}
         return self._client.build_request(
             "POST",
             f"{self.url}/v1/chat/completions",
@@ -292,13 +289,14 @@ class VllmBackend:
     # ---- health --------------------------------------------------------------------------------
     async def health(self) -> Probe:
         t0 = time.perf_counter()
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
             alive = await self._client.get(f"{self.url}/health", timeout=PROBE_TIMEOUT_S)
             if alive.status_code != 200:  # vLLM answers /health only once its engine runs
                 self.checker.reset()
                 return Probe("loading" if alive.status_code == 503 else "down", latency_ms=ms_since(t0))
-            resp = await self._client.get(f"{self.url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S)
+            resp = await self._client.get(
+                f"{self.url}/v1/models", headers=self._auth, timeout=PROBE_TIMEOUT_S
+            )
         except httpx.HTTPError as exc:
             self.checker.reset()
             return Probe("down", latency_ms=ms_since(t0), error=type(exc).__name__)
