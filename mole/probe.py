@@ -23,6 +23,7 @@ from shared.adapter_probe import (
     write_record,
 )
 from shared.mapping import MoleMapping
+from shared.modeling import build_messages
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ def record_probes(
     return written
 
 
-def _messages(start: str | None) -> list[dict[str, Any]]:
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE_PROMPT}]}
-    if start is None:
-        return [user]
-    return [user, {"role": "assistant", "content": [{"type": "text", "text": start}]}]
-
-
 def _record(model: Any, processor: Any, device: str, dtype: str) -> ProbeRecord:
     """The probe's answer under the adapter in force, kept as long as each of its starts renders
     back to its own tokens (what the engine will be sent), and its tokens' log-probabilities."""
@@ -96,7 +90,7 @@ def _record(model: Any, processor: Any, device: str, dtype: str) -> ProbeRecord:
 
     def encode(start: str | None) -> dict[str, Any]:
         text = processor.apply_chat_template(
-            _messages(start),
+            build_messages(PROBE_PROMPT, answer=start),
             add_generation_prompt=start is None,
             continue_final_message=start is not None,
             tokenize=False,
