@@ -45,11 +45,11 @@ class VllmLaunch:
         """The whole command line of ``worker``'s server."""
         return [self.python, "-m", VLLM_SERVER, *vllm_args(mapping, worker, cpu=self.cpu)]
 
-    def env(self, worker: WorkerSpec | None = None) -> dict[str, str]:
+    def env(self, worker: WorkerSpec) -> dict[str, str]:
         """Environment of a server process, laid over mole's. A dynamic worker takes hot loads
         (``POST /v1/load_lora_adapter``, behind its API key as a mole worker's ``POST /adapters``)."""
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        if worker is not None and worker.mode == "dynamic":
+        if worker.mode == "dynamic":
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.token:
             env["VLLM_API_KEY"] = self.token
