@@ -13,7 +13,7 @@ from typing import Any
 
 import modal
 
-from modal_deploy.resources import secret, volumes
+from modal_deploy.resources import container_options, volumes
 from modal_deploy.serving import ContainerApp, load, volume_refresher
 from modal_deploy.spec import MAPPING_IN_IMAGE, SPEC_ENV, VOLUME_MOUNT, image_packages, spec_from_env
 
@@ -39,20 +39,7 @@ VOLUMES = volumes(SPEC)
 app = modal.App(SPEC.name)
 
 
-@app.cls(
-    image=image,
-    gpu=SPEC.gpu,
-    volumes=VOLUMES,
-    secrets=[secret(SPEC)],
-    cpu=SPEC.cpu,
-    memory=SPEC.memory_mib,
-    region=SPEC.region,
-    min_containers=SPEC.min_containers,
-    max_containers=SPEC.max_containers,
-    scaledown_window=SPEC.scaledown_window_s,
-    timeout=SPEC.timeout_s,
-    startup_timeout=SPEC.startup_timeout_s,
-)
+@app.cls(image=image, startup_timeout=SPEC.startup_timeout_s, **container_options(SPEC, VOLUMES))
 @modal.concurrent(max_inputs=SPEC.max_concurrency)
 class Service:
     @modal.enter()

@@ -1,4 +1,5 @@
-"""The Modal objects every app of a spec shares, whatever serves it: its volumes and its secret."""
+"""The Modal objects every app of a spec shares, whatever serves it: its volumes, its secret and the
+rest of its container's options."""
 
 from __future__ import annotations
 
@@ -19,3 +20,20 @@ def volumes(spec: AppSpec) -> dict[str | Any, Any]:
 def secret(spec: AppSpec) -> modal.Secret:
     """The tokens; Modal refuses the deploy when the secret lacks one of ``required_secret_keys``."""
     return modal.Secret.from_name(spec.secret, required_keys=spec.required_secret_keys)
+
+
+def container_options(spec: AppSpec, volumes: dict[str | Any, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``app.cls`` / ``app.function`` for the spec's containers, the same for
+    mole's apps and vLLM's: GPU, volumes, secret, CPU and memory, region, scaling and timeout."""
+    return {
+        "gpu": spec.gpu,
+        "volumes": volumes,
+        "secrets": [secret(spec)],
+        "cpu": spec.cpu,
+        "memory": spec.memory_mib,
+        "region": spec.region,
+        "min_containers": spec.min_containers,
+        "max_containers": spec.max_containers,
+        "scaledown_window": spec.scaledown_window_s,
+        "timeout": spec.timeout_s,
+    }

@@ -13,7 +13,7 @@ import subprocess
 
 import modal
 
-from modal_deploy.resources import secret, volumes
+from modal_deploy.resources import container_options, volumes
 from modal_deploy.serving import vllm_command
 from modal_deploy.spec import (
     MAPPING_IN_IMAGE,
@@ -41,19 +41,7 @@ image = (
 app = modal.App(SPEC.name)
 
 
-@app.function(
-    image=image,
-    gpu=SPEC.gpu,
-    volumes=volumes(SPEC),
-    secrets=[secret(SPEC)],
-    cpu=SPEC.cpu,
-    memory=SPEC.memory_mib,
-    region=SPEC.region,
-    min_containers=SPEC.min_containers,
-    max_containers=SPEC.max_containers,
-    scaledown_window=SPEC.scaledown_window_s,
-    timeout=SPEC.timeout_s,
-)
+@app.function(image=image, **container_options(SPEC, volumes(SPEC)))
 @modal.concurrent(max_inputs=SPEC.max_concurrency)
 @modal.web_server(
     port=VLLM_PORT,
